@@ -1,0 +1,100 @@
+"""Building blocks shared by the decoder families: RMSNorm, rotary embeddings, dense layers, gated MLP."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class Dense(nnx.Module):
+    """`y = x @ kernel (+ bias)`; kernel is `[in, out]` (the transpose of a torch Linear weight)."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(
+            jax.random.normal(rngs.params(), (in_features, out_features), dtype) / math.sqrt(in_features)
+        )
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
+
+    def __call__(self, x):
+        y = x @ self.kernel[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        # Normalize in float32 whatever the compute dtype, as transformers does.
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32.astype(x.dtype)) * self.weight[...]
+
+
+class GatedMLP(nnx.Module):
+    """SwiGLU: `down(silu(gate(x)) * up(x))`."""
+
+    def __init__(self, hidden: int, intermediate: int, *, dtype, rngs: nnx.Rngs):
+        self.gate_proj = Dense(hidden, intermediate, bias=False, dtype=dtype, rngs=rngs)
+        self.up_proj = Dense(hidden, intermediate, bias=False, dtype=dtype, rngs=rngs)
+        self.down_proj = Dense(intermediate, hidden, bias=False, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None):
+    """Inverse frequencies and the attention factor, following transformers' rope_type variants."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if not scaling:
+        return inv_freq, 1.0
+    kind = scaling.get("rope_type", scaling.get("type"))
+    factor = float(scaling.get("factor", 1.0))
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    if kind == "llama3":
+        low_freq_factor = float(scaling["low_freq_factor"])
+        high_freq_factor = float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        low_wavelen = old_len / low_freq_factor
+        high_wavelen = old_len / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":
+        old_len = float(scaling["original_max_position_embeddings"])
+        beta_fast = float(scaling.get("beta_fast", 32.0))
+        beta_slow = float(scaling.get("beta_slow", 1.0))
+
+        def correction_dim(rotations):
+            return head_dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low = max(math.floor(correction_dim(beta_fast)), 0)
+        high = min(math.ceil(correction_dim(beta_slow)), head_dim - 1)
+        ramp = jnp.clip((jnp.arange(head_dim // 2, dtype=jnp.float32) - low) / max(high - low, 1e-3), 0, 1)
+        extrapolation = 1 - ramp
+        inv = (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
+        attention_factor = scaling.get("attention_factor") or (0.1 * math.log(factor) + 1.0)
+        return inv, float(attention_factor)
+    raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3, yarn)")
+
+
+def apply_rope(x, positions, inv_freq, attention_factor: float = 1.0):
+    """Rotate `x[T, heads, head_dim]` by `positions[T]` in transformers' rotate-half layout."""
+    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    cos = (jnp.cos(freqs) * attention_factor)[:, None, :]
+    sin = (jnp.sin(freqs) * attention_factor)[:, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)

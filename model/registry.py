@@ -1,0 +1,22 @@
+"""HF `architectures` name -> model class."""
+
+from __future__ import annotations
+
+from model.config import ConfigError, ModelConfig
+from model.llama import LlamaForCausalLM
+
+MODEL_CLASSES = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": LlamaForCausalLM,
+}
+
+
+def model_class_for(config: ModelConfig):
+    try:
+        return MODEL_CLASSES[config.architecture]
+    except KeyError:
+        supported = ", ".join(sorted(MODEL_CLASSES))
+        raise ConfigError(
+            f"Unsupported architecture {config.architecture!r}; supported architectures: {supported}"
+        ) from None

@@ -27,7 +27,7 @@ def token_layout(kv_lens, cu_q_lens, num_seqs, num_tokens):
     num_seqs_padded = kv_lens.shape[0]
     t = jnp.arange(num_tokens, dtype=jnp.int32)
     valid = t < cu_q_lens[num_seqs[0]]
-    seq = jnp.searchsorted(cu_q_lens[1:], t, side="right").astype(jnp.int32)
+    seq = jnp.searchsorted(cu_q_lens[1:], t, side="right", method="compare_all").astype(jnp.int32)
     seq = jnp.minimum(seq, num_seqs_padded - 1)
     q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
     pos = kv_lens[seq] - q_len + (t - cu_q_lens[seq])
@@ -87,7 +87,7 @@ def ragged_paged_attention(
     qg = (q.astype(jnp.float32) * sm_scale).reshape(num_tokens, num_kv_heads, group, head_dim)
 
     def body(block, carry):
-        m, l, acc = carry
+        m, denom, acc = carry
         pages = jax.lax.dynamic_slice_in_dim(page_indices, block * block_pages, block_pages, axis=1)
         kv = kv_pages[layer, pages[seq]].astype(jnp.float32)  # [T, bp, ps, 2H, D]
         kv = kv.reshape(num_tokens, block_tokens, num_kv_heads, 2, head_dim)
@@ -104,16 +104,16 @@ def ragged_paged_attention(
         m_new = jnp.maximum(m, s.max(axis=-1))
         p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
         correction = jnp.exp(m - m_new)
-        l = l * correction + p.sum(axis=-1)
+        denom = denom * correction + p.sum(axis=-1)
         acc = acc * correction[..., None] + jnp.einsum("thgk,tkhd->thgd", p, vb)
-        return m_new, l, acc
+        return m_new, denom, acc
 
     init = (
         jnp.full((num_tokens, num_kv_heads, group), _NEG, jnp.float32),
         jnp.zeros((num_tokens, num_kv_heads, group), jnp.float32),
         jnp.zeros((num_tokens, num_kv_heads, group, head_dim), jnp.float32),
     )
-    _, l, acc = jax.lax.fori_loop(0, num_blocks, body, init)
-    out = acc / jnp.maximum(l, 1e-30)[..., None]
+    _, denom, acc = jax.lax.fori_loop(0, num_blocks, body, init)
+    out = acc / jnp.maximum(denom, 1e-30)[..., None]
     out = jnp.where(valid[:, None, None, None], out, 0.0)
     return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype), kv_pages

@@ -1,0 +1,315 @@
+"""The one entry both the HTTP server and Python callers use.
+
+`Engine(model_path=..., **server_args)` loads the model, sizes the KV cache, compiles the step buckets
+and starts the scheduler thread. `generate()` / `async_generate()` take the same arguments as the
+`/generate` body and return the same dicts; the server calls `stream_generate()` with a request that
+`protocol.py` already validated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import queue
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from serving.prefix_cache import PrefixCache
+from serving.protocol import GenerateItem, NormalizedGenerate, RequestError, parse_generate_request
+from serving.request import Output, Request
+from serving.runner import ModelRunner
+from serving.scheduler import Scheduler
+from serving.server_args import ServerArgs
+from serving.tokenizer import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def enable_compilation_cache(directory: str) -> None:
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def resolve_model_dir(model_path: str | None) -> Path:
+    if model_path is None:
+        from checkpoints.default import default_model_dir
+
+        return default_model_dir()
+    from checkpoints.resolve import resolve_model_path
+
+    resolved = resolve_model_path(model_path)
+    if resolved.kind != "hf":
+        raise ValueError(f"{model_path}: {resolved.kind} checkpoints need a config; serve a Hugging Face directory")
+    return resolved.path
+
+
+class Engine:
+    def __init__(self, server_args: ServerArgs | None = None, **kwargs: Any):
+        args = server_args or ServerArgs(**kwargs)
+        self.server_args = args
+        if not args.disable_compilation_cache:
+            enable_compilation_cache(args.compilation_cache_dir)
+        self.model_dir = resolve_model_dir(args.model_path)
+        self.model_path = args.model_path or str(self.model_dir)
+        self.tokenizer_path = args.tokenizer_path or self.model_path
+        on_cpu = jax.default_backend() == "cpu"
+        self.max_running_requests = args.max_running_requests or (64 if on_cpu else 256)
+        chunk = args.chunked_prefill_size or (512 if on_cpu else 8192)
+        self.chunked_prefill_size = chunk if chunk > 0 else 1 << 30
+        step_tokens = min(args.max_prefill_tokens, self.chunked_prefill_size if chunk > 0 else args.max_prefill_tokens)
+        self.max_step_tokens = max(step_tokens, self.max_running_requests)
+        self.runner = ModelRunner(
+            self.model_dir, dtype=args.dtype, page_size=args.page_size,
+            attention_backend=args.attention_backend, max_running_requests=self.max_running_requests,
+            max_step_tokens=self.max_step_tokens, context_length=args.context_length,
+            max_total_tokens=args.max_total_tokens, mem_fraction_static=args.mem_fraction_static,
+        )
+        self.config = self.runner.config
+        self.context_length = self.runner.context_length
+        self.max_total_num_tokens = self.runner.kv_spec.max_total_tokens
+        self.max_req_input_len = min(self.context_length - 1, self.max_total_num_tokens - 1)
+        self.tokenizer = None if args.skip_tokenizer_init else Tokenizer(
+            resolve_model_dir(args.tokenizer_path) if args.tokenizer_path else self.model_dir)
+        self.vocab_size = self.config.vocab_size
+        self.eos_token_ids = self._eos_ids()
+        self.weight_version = args.weight_version
+        self.preferred_sampling_params = (
+            json.loads(args.preferred_sampling_params) if args.preferred_sampling_params else None
+        )
+        self._rng = random.Random(args.random_seed)
+        self.prefix_cache = PrefixCache(self.runner.kv_spec.num_pages, args.page_size,
+                                        enable_radix=not args.disable_radix_cache)
+        if args.precompile:
+            seconds = self.runner.precompile()
+            logger.info("Compiled %d step buckets in %.1f s", len(self.runner.buckets()), seconds)
+        self.scheduler = Scheduler(
+            self.runner, self.prefix_cache, max_running_requests=self.max_running_requests,
+            max_step_tokens=self.max_step_tokens, chunked_prefill_size=self.chunked_prefill_size,
+            schedule_policy=args.schedule_policy,
+        )
+        self.scheduler.start()
+
+    def _eos_ids(self) -> frozenset[int]:
+        ids = set(self.config.eos_token_ids)
+        gen_config = self.model_dir / "generation_config.json"
+        if gen_config.exists():
+            eos = json.loads(gen_config.read_text()).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return frozenset(int(i) for i in ids)
+
+    def shutdown(self) -> None:
+        self.scheduler.stop()
+
+    # -- requests ---------------------------------------------------------------------------------
+    def parse(self, body: object) -> NormalizedGenerate:
+        return parse_generate_request(
+            body, vocab_size=self.vocab_size, preferred_sampling_params=self.preferred_sampling_params,
+            skip_tokenizer_init=self.server_args.skip_tokenizer_init,
+        )
+
+    def _make_request(self, item: GenerateItem, stream: bool, emit: Callable[[Output], None],
+                      prefill_only: bool = False) -> Request:
+        """Tokenize and check one item against the model's limits (RequestError -> HTTP 400)."""
+        sp = item.sampling
+        input_ids = list(item.input_ids) if item.input_ids is not None else self.tokenizer.encode(item.text)
+        n = len(input_ids)
+        if n == 0:
+            raise RequestError("input_ids cannot be empty.")
+        if n >= self.context_length:
+            if not self.server_args.allow_auto_truncate:
+                raise RequestError(
+                    f"The input ({n} tokens) is longer than the model's context length ({self.context_length} tokens)."
+                )
+            input_ids = input_ids[: self.context_length - 1]
+            n = len(input_ids)
+        if n > self.max_req_input_len:
+            raise RequestError(
+                f"Input length ({n} tokens) exceeds the maximum allowed length ({self.max_req_input_len} tokens). "
+                "Use a shorter input or enable --allow-auto-truncate."
+            )
+        max_new = 0 if prefill_only else sp.max_new_tokens
+        if max_new is not None and max_new + n >= self.context_length:
+            if not self.server_args.allow_auto_truncate:
+                raise RequestError(
+                    f"Requested token count exceeds the model's maximum context length of {self.context_length} "
+                    f"tokens. You requested a total of {max_new + n} tokens: {n} tokens from the input messages "
+                    f"and {max_new} tokens for the completion. Please reduce the number of tokens in the input "
+                    "messages or the completion to fit within the limit."
+                )
+            max_new = None
+        if max_new is None:
+            max_new = min(self.context_length, self.max_total_num_tokens) - n - 1
+        stop_ids = frozenset() if sp.ignore_eos else self.eos_token_ids | frozenset(sp.stop_token_ids)
+        detok = None if self.tokenizer is None else IncrementalDetokenizer(self.tokenizer, sp.skip_special_tokens)
+        return Request(
+            rid=item.rid, input_ids=input_ids, max_new_tokens=max_new, min_new_tokens=sp.min_new_tokens,
+            stop_ids=stop_ids, stop_strings=tuple(sp.stop), no_stop_trim=sp.no_stop_trim,
+            temperature=0.0 if sp.greedy else sp.temperature, top_k=sp.top_k, top_p=sp.top_p,
+            min_p=sp.min_p,
+            seed=(sp.sampling_seed & 0xFFFFFFFF) if sp.sampling_seed is not None else self._rng.getrandbits(31),
+            stream=stream, stream_interval=sp.stream_interval or self.server_args.stream_interval,
+            emit=emit, detokenizer=detok,
+        )
+
+    def _format(self, out: Output, start: float, first: bool, stream: bool) -> dict[str, Any]:
+        meta: dict[str, Any] = {
+            "id": out.rid, "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
+            "weight_version": self.weight_version, "total_retractions": out.retractions,
+            "completion_tokens": out.completion_tokens, "cached_tokens": out.cached_tokens,
+        }
+        if out.finished or not stream:
+            meta["e2e_latency"] = time.perf_counter() - start
+        if first:
+            meta["response_sent_to_client_ts"] = time.time()
+        result: dict[str, Any] = {"output_ids": out.output_ids, "meta_info": meta}
+        if self.tokenizer is not None:
+            result = {"text": out.text, **result}
+        return result
+
+    async def stream_generate(self, request: NormalizedGenerate) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+        """Yield `(index, output dict)` as outputs arrive; every item ends with a finished output.
+
+        If the consumer stops early (client disconnect, cancellation), the unfinished requests are
+        aborted so their pages are freed.
+        """
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
+        start = time.perf_counter()
+
+        def sink(index: int) -> Callable[[Output], None]:
+            return lambda out: loop.call_soon_threadsafe(outputs.put_nowait, (index, out))
+
+        if request.n > 1 and not self.server_args.disable_radix_cache:
+            # Like SGLang: one prefill-only copy per prompt first, so the n samples share its prefix.
+            warm = {}
+            for item in request.items:
+                key = item.text if item.input_ids is None else tuple(item.input_ids)
+                warm.setdefault(key, item)
+            warm_reqs = [self._make_request(item, False, sink(-1), prefill_only=True) for item in warm.values()]
+            for r in warm_reqs:
+                r.rid = f"{r.rid}_warmup"
+                self.scheduler.submit(r)
+            for _ in warm_reqs:
+                await outputs.get()
+        requests = [self._make_request(item, request.stream, sink(item.index)) for item in request.items]
+        for r in requests:
+            self.scheduler.submit(r)
+        pending = {r.rid for r in requests}
+        first_sent: set[int] = set()
+        try:
+            while pending:
+                index, out = await outputs.get()
+                if out.finished:
+                    pending.discard(out.rid)
+                yield index, self._format(out, start, index not in first_sent, request.stream)
+                first_sent.add(index)
+        finally:
+            for rid in pending:
+                self.scheduler.abort(rid)
+
+    async def generate_request(self, request: NormalizedGenerate) -> dict | list[dict]:
+        results: dict[int, dict] = {}
+        async for index, out in self.stream_generate(request):
+            if out["meta_info"]["finish_reason"] is not None:
+                results[index] = out
+        ordered = [results[i] for i in sorted(results)]
+        return ordered if request.is_batch else ordered[0]
+
+    # -- Python API (notebooks, scripts) ------------------------------------------------------------
+    async def async_generate(self, stream: bool = False, **body: Any):
+        request = self.parse({**body, "stream": stream})
+        if not stream:
+            return await self.generate_request(request)
+
+        async def chunks():
+            async for index, out in self.stream_generate(request):
+                yield ({"index": index, **out} if request.is_batch else out)
+
+        return chunks()
+
+    def generate(self, stream: bool = False, **body: Any):
+        """Same arguments and results as `/generate` (`text=`, `input_ids=`, `sampling_params=`, ...)."""
+        results: queue.Queue = queue.Queue()
+
+        def run() -> None:
+            async def consume():
+                result = await self.async_generate(stream=stream, **body)
+                if stream:
+                    async for chunk in result:
+                        results.put(("chunk", chunk))
+                else:
+                    results.put(("chunk", result))
+
+            try:
+                asyncio.run(consume())
+                results.put(("done", None))
+            except Exception as exc:
+                results.put(("error", exc))
+
+        threading.Thread(target=run, daemon=True).start()
+
+        def iterate() -> Iterator[dict]:
+            while True:
+                kind, value = results.get()
+                if kind == "done":
+                    return
+                if kind == "error":
+                    raise value
+                yield value
+
+        return iterate() if stream else next(iterate())
+
+    # -- control ----------------------------------------------------------------------------------
+    def flush_cache(self) -> bool:
+        return self.scheduler.call(self.scheduler.flush).result()
+
+    def abort(self, rid: str, abort_all: bool = False) -> None:
+        self.scheduler.abort(rid, abort_all)
+
+    def get_load(self) -> dict[str, int]:
+        return self.scheduler.call(self.scheduler.load).result()
+
+    def page_counts(self) -> dict[str, int]:
+        cache = self.prefix_cache
+        return self.scheduler.call(lambda: {
+            "free": cache.num_free, "evictable": cache.num_evictable, "locked": cache.num_locked,
+            "total": cache.num_total, "invariant_errors": self.scheduler.invariant_errors,
+        }).result()
+
+    def server_info(self) -> dict[str, Any]:
+        args = asdict(self.server_args) if not hasattr(self.server_args, "to_dict") else self.server_args.to_dict()
+        args.update(model_path=self.model_path, tokenizer_path=self.tokenizer_path,
+                    max_running_requests=self.max_running_requests,
+                    chunked_prefill_size=self.server_args.chunked_prefill_size or self.chunked_prefill_size,
+                    context_length=self.context_length)
+        memory = {"weight": self.runner.weight_bytes / 2**30, "kvcache": self.runner.kv_spec.total_bytes / 2**30,
+                  "token_capacity": self.max_total_num_tokens, "graph": 0.0}
+        return {
+            **args, "status": "ready", "max_total_num_tokens": self.max_total_num_tokens,
+            "max_req_input_len": self.max_req_input_len,
+            "internal_states": [{**args, "last_gen_throughput": self.scheduler.last_gen_throughput,
+                                 "memory_usage": memory}],
+            "version": _version(), "jax_backend": jax.default_backend(), "pid": os.getpid(),
+        }
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pallas-serve")
+    except PackageNotFoundError:
+        return "0.0.0"

@@ -1,0 +1,87 @@
+"""The device side of the paged KV cache: its shape, its size in pages, and its allocation.
+
+The cache is one array `[layers, pages, page_size, 2 * kv_heads, head_dim]` (K and V interleaved per
+head, see docs/architecture.md), owned by the runner and passed through every step as a donated value.
+Which pages belong to whom is host state (`prefix_cache.py`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    num_layers: int
+    num_pages: int
+    page_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: jnp.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.num_layers, self.num_pages, self.page_size, 2 * self.num_kv_heads, self.head_dim)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * jnp.dtype(self.dtype).itemsize
+
+    @property
+    def total_bytes(self) -> int:
+        return self.bytes_per_token * self.num_pages * self.page_size
+
+    @property
+    def max_total_tokens(self) -> int:
+        return self.num_pages * self.page_size
+
+
+def device_memory_bytes() -> int:
+    """Memory of the first device: HBM on accelerators, physical RAM on CPU."""
+    stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def plan_kv_cache(
+    config: ModelConfig,
+    *,
+    page_size: int,
+    dtype,
+    weight_bytes: int,
+    max_total_tokens: int | None,
+    mem_fraction_static: float | None,
+    max_running_requests: int,
+    context_length: int,
+) -> KVCacheSpec:
+    """Size the pool: `--max-total-tokens` if given, else what `--mem-fraction-static` of memory leaves
+    after the weights, capped at what the running requests could ever use (no point zeroing more)."""
+    spec = KVCacheSpec(config.num_layers, 1, page_size, config.num_kv_heads, config.head_dim, jnp.dtype(dtype))
+    if max_total_tokens is None:
+        on_cpu = jax.default_backend() == "cpu"
+        fraction = mem_fraction_static if mem_fraction_static is not None else (0.25 if on_cpu else 0.85)
+        budget = int(device_memory_bytes() * fraction) - weight_bytes
+        if budget <= 0:
+            raise ValueError(
+                f"--mem-fraction-static {fraction} leaves no memory for the KV cache after "
+                f"{weight_bytes / 2**30:.2f} GiB of weights"
+            )
+        max_total_tokens = min(budget // spec.bytes_per_token, max_running_requests * context_length)
+    num_pages = max(int(max_total_tokens) // page_size, 2)
+    return KVCacheSpec(config.num_layers, num_pages, page_size, config.num_kv_heads, config.head_dim, spec.dtype)
+
+
+def allocate_kv_pages(spec: KVCacheSpec) -> jax.Array:
+    return jnp.zeros(spec.shape, spec.dtype)
+
+
+def params_bytes(params) -> int:
+    return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params)))

@@ -1,0 +1,33 @@
+"""`python -m serving.main`: parse SGLang-style flags, build the engine, serve HTTP until SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from serving.server_args import ServerArgs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = ServerArgs.from_cli(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stdout,
+    )
+    # Imported after argument parsing so `--help` and flag errors answer without loading JAX.
+    from serving.engine import Engine
+    from serving.server import create_app
+
+    try:
+        engine = Engine(args)
+    except ValueError as exc:  # bad model path, config or checkpoint: one clear line, no traceback
+        logging.getLogger("serving.main").error("%s", exc)
+        return 1
+    app = create_app(engine)
+    app.run(host=args.host, port=args.port, single_process=True, access_log=False, motd=False,
+            debug=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

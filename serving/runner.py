@@ -1,0 +1,165 @@
+"""Loads the model and runs one jitted step per scheduler iteration.
+
+`(params, kv_pages, batch) -> (next_tokens, kv_pages)` with `kv_pages` donated, so the cache is a value
+updated in place. Token counts and sequence counts are padded to power-of-two buckets, all compiled at
+start-up (with a progress bar, and persisted in JAX's compilation cache so a second start is fast).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from checkpoints.safetensors import load_params
+from model.config import ModelConfig
+from model.llama import AttentionMetadata
+from model.registry import model_class_for
+from serving.kv_cache import KVCacheSpec, allocate_kv_pages, params_bytes, plan_kv_cache
+from serving.sampler import SamplingBatch, sample
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": jnp.float32, "float": jnp.float32, "bfloat16": jnp.bfloat16,
+           "float16": jnp.float16, "half": jnp.float16}
+
+
+def resolve_dtype(name: str, config: ModelConfig):
+    """`auto`: float32 on CPU (XLA:CPU's bf16 matvec is ~20x slower), the checkpoint's dtype elsewhere."""
+    if name != "auto":
+        return _DTYPES[name]
+    if jax.default_backend() == "cpu":
+        return jnp.float32
+    return _DTYPES.get(str(config.torch_dtype or "bfloat16").replace("torch.", ""), jnp.bfloat16)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+class StepBatch(NamedTuple):
+    input_ids: jax.Array  # int32[T]
+    positions: jax.Array  # int32[T]
+    meta: AttentionMetadata
+    logits_indices: jax.Array  # int32[S]
+    sampling: SamplingBatch
+
+
+@dataclass
+class HostBatch:
+    """What the scheduler fills for one step (unpadded); the runner pads it to a bucket."""
+
+    input_ids: np.ndarray  # int32[num_tokens]
+    positions: np.ndarray  # int32[num_tokens]
+    kv_lens: np.ndarray  # int32[num_seqs]
+    page_indices: list[list[int]]  # per sequence
+    q_lens: np.ndarray  # int32[num_seqs]
+    sampling: dict[str, np.ndarray]  # SamplingBatch fields, [num_seqs]
+
+
+def _step(graphdef, params, kv_pages, batch: StepBatch):
+    model = nnx.merge(graphdef, params)
+    logits, kv_pages = model(batch.input_ids, batch.positions, kv_pages, batch.meta, batch.logits_indices)
+    return sample(logits, batch.sampling), kv_pages
+
+
+class ModelRunner:
+    def __init__(self, model_dir: Path, *, dtype: str, page_size: int, attention_backend: str,
+                 max_running_requests: int, max_step_tokens: int, context_length: int | None,
+                 max_total_tokens: int | None, mem_fraction_static: float | None):
+        self.model_dir = Path(model_dir)
+        self.config = ModelConfig.from_dir(self.model_dir)
+        self.dtype = resolve_dtype(dtype, self.config)
+        self.context_length = context_length or self.config.max_position_embeddings
+        cls = model_class_for(self.config)
+        abstract = nnx.eval_shape(
+            lambda: cls(self.config, dtype=self.dtype, rngs=nnx.Rngs(0), attention_backend=attention_backend)
+        )
+        self.graphdef, _ = nnx.split(abstract)
+        self._abstract = abstract
+        self.params = load_params(abstract, self.model_dir, self.dtype)
+        self.weight_bytes = params_bytes(self.params)
+
+        self.max_seqs = next_pow2(max_running_requests)
+        self.max_tokens = next_pow2(max(max_step_tokens, self.max_seqs))
+        self.kv_spec: KVCacheSpec = plan_kv_cache(
+            self.config, page_size=page_size, dtype=self.dtype, weight_bytes=self.weight_bytes,
+            max_total_tokens=max_total_tokens, mem_fraction_static=mem_fraction_static,
+            max_running_requests=max_running_requests, context_length=self.context_length,
+        )
+        self.page_size = page_size
+        self.pages_per_seq = -(-self.context_length // page_size)
+        self.kv_pages = allocate_kv_pages(self.kv_spec)
+        self._step = jax.jit(partial(_step, self.graphdef), donate_argnums=(1,))
+        logger.info(
+            "Model %s loaded: %s, %.1f MB of weights; KV cache %d pages x %d tokens (%.1f MB)",
+            self.config.architecture, jnp.dtype(self.dtype).name, self.weight_bytes / 1e6,
+            self.kv_spec.num_pages, page_size, self.kv_spec.total_bytes / 1e6,
+        )
+
+    # -- buckets -------------------------------------------------------------------------------
+    def bucket(self, num_tokens: int, num_seqs: int) -> tuple[int, int]:
+        """Padded (T, S). S follows T up to the sequence cap, so there is one bucket per token count."""
+        tokens = next_pow2(max(num_tokens, num_seqs, 1))
+        if tokens > self.max_tokens:
+            raise ValueError(f"step of {num_tokens} tokens exceeds the compiled maximum {self.max_tokens}")
+        return tokens, min(tokens, self.max_seqs)
+
+    def buckets(self) -> list[tuple[int, int]]:
+        out, t = [], 1
+        while t <= self.max_tokens:
+            out.append(self.bucket(t, 1))
+            t *= 2
+        return out
+
+    # -- steps ---------------------------------------------------------------------------------
+    def _pad(self, host: HostBatch, tokens: int, seqs: int) -> StepBatch:
+        num_tokens, num_seqs = len(host.input_ids), len(host.kv_lens)
+        input_ids = np.zeros(tokens, np.int32)
+        input_ids[:num_tokens] = host.input_ids
+        positions = np.zeros(tokens, np.int32)
+        positions[:num_tokens] = host.positions
+        kv_lens = np.zeros(seqs, np.int32)
+        kv_lens[:num_seqs] = host.kv_lens
+        page_indices = np.zeros((seqs, self.pages_per_seq), np.int32)
+        for i, pages in enumerate(host.page_indices):
+            page_indices[i, : len(pages)] = pages
+        cu_q_lens = np.zeros(seqs + 1, np.int32)
+        cu_q_lens[1 : num_seqs + 1] = np.cumsum(host.q_lens)
+        cu_q_lens[num_seqs + 1 :] = cu_q_lens[num_seqs]
+        logits_indices = np.zeros(seqs, np.int32)
+        logits_indices[:num_seqs] = cu_q_lens[1 : num_seqs + 1] - 1
+        sampling = SamplingBatch.host_arrays(seqs)
+        for name, values in host.sampling.items():
+            sampling[name][:num_seqs] = values
+        meta = AttentionMetadata(kv_lens, page_indices, cu_q_lens, np.array([num_seqs], np.int32))
+        return StepBatch(input_ids, positions, meta, logits_indices, SamplingBatch(**sampling))
+
+    def run(self, host: HostBatch) -> np.ndarray:
+        """Run one step; returns the sampled token of each sequence (`int32[num_seqs]`)."""
+        batch = jax.device_put(self._pad(host, *self.bucket(len(host.input_ids), len(host.kv_lens))))
+        tokens, self.kv_pages = self._step(self.params, self.kv_pages, batch)
+        return np.asarray(tokens)[: len(host.kv_lens)]
+
+    def precompile(self, progress: bool = True) -> float:
+        """Compile (and run once, on an all-padding batch that writes nothing) every bucket."""
+        start = time.perf_counter()
+        empty = HostBatch(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32), [],
+                          np.zeros(0, np.int32), {})
+        for tokens, seqs in tqdm(self.buckets(), desc="Compiling step buckets", disable=not progress):
+            batch = jax.device_put(self._pad(empty, tokens, seqs))
+            tokens_out, self.kv_pages = self._step(self.params, self.kv_pages, batch)
+            tokens_out.block_until_ready()
+        return time.perf_counter() - start
+
+    def reset_kv_cache(self) -> None:
+        self.kv_pages = allocate_kv_pages(self.kv_spec)

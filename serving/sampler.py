@@ -1,0 +1,77 @@
+"""Token sampling on device: greedy, temperature, top-k, top-p and min-p, seeded per request.
+
+Runs inside the jitted step, so only the chosen token ids leave the device. The full-vocabulary sort
+that top-k / top-p / min-p need is skipped (by `lax.cond`) when no row of the batch asks for them, and
+sampling itself is skipped when every row is greedy: the common greedy path is one argmax.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Per-request banned ids (EOS and stop ids while `min_new_tokens` is not reached), padded with -1.
+MAX_BANNED_IDS = 8
+
+
+class SamplingBatch(NamedTuple):
+    temperature: jax.Array  # float32[S]; 0 means greedy
+    top_k: jax.Array  # int32[S]; <= 0 means the whole vocabulary
+    top_p: jax.Array  # float32[S]
+    min_p: jax.Array  # float32[S]
+    seeds: jax.Array  # uint32[S]
+    steps: jax.Array  # int32[S]: tokens generated so far, folded into the key so each step differs
+    banned_ids: jax.Array  # int32[S, MAX_BANNED_IDS]
+
+    @staticmethod
+    def host_arrays(num_seqs: int) -> dict[str, np.ndarray]:
+        return {
+            "temperature": np.zeros(num_seqs, np.float32),
+            "top_k": np.zeros(num_seqs, np.int32),
+            "top_p": np.ones(num_seqs, np.float32),
+            "min_p": np.zeros(num_seqs, np.float32),
+            "seeds": np.zeros(num_seqs, np.uint32),
+            "steps": np.zeros(num_seqs, np.int32),
+            "banned_ids": np.full((num_seqs, MAX_BANNED_IDS), -1, np.int32),
+        }
+
+
+def _filter(logits, batch: SamplingBatch):
+    """Mask (to -inf) what top-k, top-p and min-p exclude; `logits` are already temperature-scaled."""
+    vocab = logits.shape[-1]
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    top_k = jnp.where(batch.top_k <= 0, vocab, jnp.minimum(batch.top_k, vocab))
+    # top-k first, then top-p and min-p on the renormalized survivors (SGLang's order).
+    in_top_k = jnp.arange(vocab)[None, :] < top_k[:, None]
+    probs = jax.nn.softmax(jnp.where(in_top_k, sorted_logits, -jnp.inf), axis=-1)
+    cumulative = jnp.cumsum(probs, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p: a token is dropped when the mass before it
+    # already does.
+    keep_sorted = (cumulative - probs) < batch.top_p[:, None]
+    keep_sorted &= (probs >= batch.min_p[:, None] * probs[:, :1]) & in_top_k
+    count = jnp.maximum(keep_sorted.sum(axis=-1), 1)
+    threshold = jnp.take_along_axis(sorted_logits, (count - 1)[:, None], axis=-1)
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def sample(logits, batch: SamplingBatch):
+    """Choose one token per row of `logits[S, vocab]` (float32)."""
+    rows = jnp.arange(logits.shape[0])[:, None]
+    banned = batch.banned_ids
+    logits = logits.at[rows, jnp.where(banned >= 0, banned, logits.shape[-1])].set(-jnp.inf, mode="drop")
+    greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    is_greedy = batch.temperature <= 0.0
+
+    def stochastic(_):
+        scaled = logits / jnp.where(is_greedy, 1.0, batch.temperature)[:, None]
+        needs_filter = jnp.any((batch.top_k > 0) | (batch.top_p < 1.0) | (batch.min_p > 0.0))
+        scaled = jax.lax.cond(needs_filter, lambda x: _filter(x, batch), lambda x: x, scaled)
+        keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(batch.seeds, batch.steps)
+        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (logits.shape[-1],), jnp.float32))(keys)
+        drawn = jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
+        return jnp.where(is_greedy, greedy_tokens, drawn)
+
+    return jax.lax.cond(jnp.all(is_greedy), lambda _: greedy_tokens, stochastic, None)

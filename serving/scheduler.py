@@ -1,0 +1,306 @@
+"""Continuous batching: admit, build one ragged step of decode tokens and prefill chunks, run, repeat.
+
+Runs in its own thread. Everything it owns (the waiting queue, the running batch, the prefix cache)
+is touched only from that thread; other threads talk to it through `inbox` (requests, aborts, calls).
+
+One step, read aloud: `schedule()` gives every decoding request one token (allocating a page when it
+crosses a page boundary, retracting the youngest requests if the cache is full), then spends what is
+left of the token budget on prefill chunks of partially prefilled and newly admitted requests;
+`runner.run()` computes them all in one call; `process()` appends the sampled tokens, finishes what
+stopped and releases its pages into the radix cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+
+from serving.prefix_cache import PrefixCache
+from serving.request import Request
+from serving.runner import HostBatch, ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(self, runner: ModelRunner, prefix_cache: PrefixCache, *, max_running_requests: int,
+                 max_step_tokens: int, chunked_prefill_size: int, schedule_policy: str):
+        self.runner = runner
+        self.cache = prefix_cache
+        self.page_size = prefix_cache.page_size
+        self.max_running = max_running_requests
+        self.max_step_tokens = max_step_tokens
+        self.chunk_size = chunked_prefill_size
+        self.policy = schedule_policy
+        self.inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_steps = 0
+        self.last_output_time = 0.0
+        self.last_gen_throughput = 0.0
+        self.invariant_errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
+
+    # -- other threads ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.inbox.put(("wake", None))
+        self._thread.join(timeout=30)
+
+    def submit(self, request: Request) -> None:
+        self.inbox.put(("add", request))
+
+    def abort(self, rid: str, abort_all: bool = False) -> None:
+        self.inbox.put(("abort", (rid, abort_all)))
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn` on the scheduler thread between two steps; the future holds its result."""
+        future: Future = Future()
+        self.inbox.put(("call", (fn, future)))
+        return future
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        idle_checked = False
+        while not self._stop.is_set():
+            busy = bool(self.waiting or self.running)
+            self._drain_inbox(block=not busy)
+            if not (self.waiting or self.running):
+                if not idle_checked:
+                    idle_checked = True
+                    try:
+                        self.cache.check_invariant()
+                    except AssertionError:
+                        logger.exception("page invariant violated while idle")
+                        self.invariant_errors += 1
+                continue
+            idle_checked = False
+            batch = self.schedule()
+            if not batch:
+                time.sleep(0.001)
+                continue
+            try:
+                tokens = self.runner.run(self._host_batch(batch))
+            except Exception as exc:  # a failed step must not take the server down
+                logger.exception("step failed")
+                for request, _ in batch:
+                    self._finish(request, {"type": "abort", "message": f"Internal error: {exc}",
+                                           "status_code": 500, "err_type": "InternalServerError"})
+                continue
+            self.process(batch, tokens)
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, payload = item
+            if kind == "add":
+                self.waiting.append(payload)
+            elif kind == "abort":
+                self._abort(*payload)
+            elif kind == "call":
+                fn, future = payload
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except Exception as exc:
+                        future.set_exception(exc)
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    # -- scheduling -------------------------------------------------------------------------------
+    def _pages_short(self, request: Request, upto: int) -> int:
+        return max(0, -(-upto // self.page_size) - len(request.pages))
+
+    def _grow(self, request: Request, upto: int) -> bool:
+        """Give `request` pages for its first `upto` tokens; False if the cache cannot."""
+        need = self._pages_short(request, upto)
+        if need == 0:
+            return True
+        pages = self.cache.allocate(need)
+        if pages is None:
+            return False
+        request.pages.extend(pages)
+        return True
+
+    def schedule(self) -> list[tuple[Request, int]]:
+        """Pick this step's work: `(request, number of new tokens)` pairs, decodes first."""
+        batch: list[tuple[Request, int]] = []
+        for request in list(self.running):
+            if request not in self.running or request.num_computed != request.total_len - 1:
+                continue
+            while not self._grow(request, request.total_len):
+                victim = self._pick_victim(exclude=request)
+                if victim is None:
+                    self._finish(request, {"type": "abort", "status_code": 400, "err_type": "BadRequest",
+                                           "message": "The KV cache cannot hold this request."})
+                    break
+                self._retract(victim)
+                batch = [(r, n) for r, n in batch if r is not victim]
+            else:
+                batch.append((request, 1))
+        budget = self.max_step_tokens - len(batch)
+        scheduled = {id(r) for r, _ in batch}
+        for request in self.running:  # partially prefilled requests continue
+            if budget <= 0:
+                break
+            if id(request) in scheduled or request.num_computed >= request.total_len - 1:
+                continue
+            chunk = min(request.total_len - request.num_computed, budget, self.chunk_size)
+            if self._grow(request, request.num_computed + chunk):
+                batch.append((request, chunk))
+                budget -= chunk
+        if self.policy == "lpm" and len(self.waiting) > 1:
+            self._sort_waiting_by_prefix()
+        while self.waiting and budget > 0 and len(self.running) < self.max_running:
+            chunk = self._admit(self.waiting[0], budget)
+            if chunk == 0:
+                break
+            request = self.waiting.popleft()
+            self.running.append(request)
+            batch.append((request, chunk))
+            budget -= chunk
+        return batch
+
+    def _admit(self, request: Request, budget: int) -> int:
+        """Match its prefix and give it pages for a first chunk; 0 (and no side effect) if it can't."""
+        tokens = request.tokens(0, request.total_len)
+        handle = self.cache.acquire_prefix(tokens)
+        start = handle.num_tokens
+        chunk = min(request.total_len - start, budget, self.chunk_size)
+        # Keep a page per running request in reserve so admitting does not force immediate retraction.
+        reserve = len(self.running)
+        need = -(-(start + chunk) // self.page_size) - len(handle.pages)
+        pages = self.cache.allocate(need) if self.cache.available_pages >= need + reserve else None
+        if pages is None:
+            self.cache.release(handle, [], handle.pages, cache=False)
+            return 0
+        request.prefix_handle = handle
+        request.pages = list(handle.pages) + pages
+        request.num_computed = start
+        if request.cached_tokens is None:
+            request.cached_tokens = start
+        return chunk
+
+    def _sort_waiting_by_prefix(self) -> None:
+        """Longest-prefix-match first; ties keep arrival order (sorted() is stable)."""
+        def matched(request: Request) -> int:
+            handle = self.cache.acquire_prefix(request.tokens(0, request.total_len))
+            self.cache.release(handle, [], handle.pages, cache=False)
+            return handle.num_tokens
+
+        window = [self.waiting.popleft() for _ in range(min(len(self.waiting), 128))]
+        window.sort(key=matched, reverse=True)
+        self.waiting.extendleft(reversed(window))
+
+    def _pick_victim(self, exclude: Request) -> Request | None:
+        candidates = [r for r in self.running if r is not exclude]
+        return candidates[-1] if candidates else None
+
+    def _retract(self, request: Request) -> None:
+        """Give back its pages (its computed prefix goes to the radix cache) and requeue it first."""
+        self._release(request)
+        self.running.remove(request)
+        request.num_computed = 0
+        request.retractions += 1
+        self.waiting.appendleft(request)
+        logger.debug("retracted %s (%d tokens)", request.rid, request.total_len)
+
+    def _release(self, request: Request) -> None:
+        if request.prefix_handle is None:
+            return
+        self.cache.release(request.prefix_handle, request.tokens(0, request.num_computed), request.pages)
+        request.prefix_handle = None
+        request.pages = []
+
+    # -- after the step ---------------------------------------------------------------------------
+    def _host_batch(self, batch: list[tuple[Request, int]]) -> HostBatch:
+        ids, positions, kv_lens, q_lens, pages = [], [], [], [], []
+        sampling = {k: [] for k in ("temperature", "top_k", "top_p", "min_p", "seeds", "steps")}
+        banned = np.full((len(batch), 8), -1, np.int32)
+        for i, (r, n) in enumerate(batch):
+            ids.extend(r.tokens(r.num_computed, r.num_computed + n))
+            positions.extend(range(r.num_computed, r.num_computed + n))
+            kv_lens.append(r.num_computed + n)
+            q_lens.append(n)
+            pages.append(r.pages)
+            for key, value in (("temperature", r.temperature), ("top_k", r.top_k), ("top_p", r.top_p),
+                               ("min_p", r.min_p), ("seeds", r.seed), ("steps", len(r.output_ids))):
+                sampling[key].append(value)
+            ban = r.banned_ids()[: banned.shape[1]]
+            banned[i, : len(ban)] = ban
+        arrays = {k: np.asarray(v) for k, v in sampling.items()}
+        arrays["seeds"] = arrays["seeds"].astype(np.uint32)
+        arrays["banned_ids"] = banned
+        return HostBatch(np.asarray(ids, np.int32), np.asarray(positions, np.int32),
+                         np.asarray(kv_lens, np.int32), pages, np.asarray(q_lens, np.int32), arrays)
+
+    def process(self, batch: list[tuple[Request, int]], tokens: np.ndarray) -> None:
+        self.num_steps += 1
+        generated = 0
+        for (request, n), token in zip(batch, tokens.tolist(), strict=True):
+            if request.finish_reason is not None:  # aborted while the step ran
+                continue
+            request.num_computed += n
+            if request.num_computed < request.total_len:
+                continue  # a prefill chunk that does not reach the end of the prompt yet
+            if request.max_new_tokens == 0:
+                request.finish({"type": "length", "length": 0})
+            else:
+                request.append_token(token)
+                generated += 1
+            if request.finish_reason is not None:
+                self._finish(request, request.finish_reason)
+            else:
+                request.maybe_emit()
+        now = time.monotonic()
+        if generated:
+            elapsed = now - self.last_output_time if self.last_output_time else 0.0
+            self.last_gen_throughput = generated / elapsed if elapsed > 0 else 0.0
+            self.last_output_time = now
+
+    def _finish(self, request: Request, reason: dict) -> None:
+        request.finish(reason)
+        self._release(request)
+        if request in self.running:
+            self.running.remove(request)
+        request.maybe_emit()
+
+    def _abort(self, rid: str, abort_all: bool) -> None:
+        for request in list(self.waiting):
+            if abort_all or request.rid.startswith(rid):
+                self.waiting.remove(request)
+                request.finish({"type": "abort", "message": "Abort in waiting queue"})
+                request.maybe_emit()
+        for request in list(self.running):
+            if abort_all or request.rid.startswith(rid):
+                self._finish(request, {"type": "abort", "message": "Aborted", "status_code": None,
+                                       "err_type": None})
+
+    # -- queries (scheduler thread, through call()) -----------------------------------------------
+    def load(self) -> dict[str, int]:
+        used = (self.cache.num_total - self.cache.available_pages) * self.page_size
+        queued = sum(r.total_len for r in self.waiting)
+        return {"num_reqs": len(self.running) + len(self.waiting), "num_waiting_reqs": len(self.waiting),
+                "num_tokens": used + queued}
+
+    def flush(self) -> bool:
+        if self.running or self.waiting:
+            return False
+        return self.cache.flush()

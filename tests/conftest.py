@@ -1,0 +1,133 @@
+"""Shared fixtures: tiny random checkpoints generated with transformers, and a server launcher.
+
+Nothing is downloaded: tokenizers are trained here on a few sentences, weights are random.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "Once upon a time there was a small model that answered questions about the world.",
+    "def add(a, b):\n    return a + b\n",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000; unicode: café, naïve, 東京, emoji 🙂.",
+    "Hello world! How are you today? I am fine, thank you.",
+]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def write_tokenizer(out: Path, vocab_size: int = 384) -> None:
+    from tokenizers import ByteLevelBPETokenizer
+
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(CORPUS * 4, vocab_size=vocab_size, min_frequency=1, special_tokens=SPECIAL)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "bos_token": None,
+        "chat_template": CHAT_TEMPLATE, "model_max_length": 256,
+    }))
+
+
+def make_tiny_checkpoint(out: Path, arch: str = "llama", **overrides) -> Path:
+    """A random-weight HF checkpoint (float32) of `arch` with the test tokenizer, in `out`."""
+    import torch
+    import transformers
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(out)
+    common = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  eos_token_id=0, bos_token_id=None, pad_token_id=None)
+    common.update(overrides)
+    classes = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    }
+    config_cls, model_cls = classes[arch]
+    torch.manual_seed(hash((arch, str(out))) % 2**31)
+    model = model_cls(config_cls(**common)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):  # transformers zero-inits biases; make them matter
+                param.normal_(0, 0.5)
+            elif "norm" in name:
+                param.uniform_(0.5, 1.5)
+            else:
+                param.normal_(0, 0.3)  # large enough that greedy decoding is not a constant loop
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m serving.main` on 127.0.0.1, waited on until /health_generate answers 200."""
+
+    def __init__(self, model_path: Path | str | None, *extra: str, timeout: float = 600.0):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "serving.main", "--port", str(self.port), "--log-level", "warning"]
+        if model_path is not None:
+            cmd += ["--model-path", str(model_path)]
+        cmd += list(extra)
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"pallas-serve-test-{self.port}.log"
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.read_log()}")
+            try:
+                if requests.get(self.url + "/health_generate", timeout=30).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"server did not become healthy in {timeout} s:\n{self.read_log()}")
+
+    def read_log(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text()[-5000:]
+
+    def post(self, path: str, **kwargs):
+        return requests.post(self.url + path, timeout=kwargs.pop("timeout", 300), **kwargs)
+
+    def get(self, path: str, **kwargs):
+        return requests.get(self.url + path, timeout=kwargs.pop("timeout", 60), **kwargs)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode

@@ -17,6 +17,7 @@ import random
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -282,14 +283,18 @@ class Engine:
     def get_load(self) -> dict[str, int]:
         return self.scheduler.call(self.scheduler.load).result()
 
-    def page_counts(self) -> dict[str, int]:
+    def page_counts_future(self) -> Future:
+        """Page states, read on the scheduler thread (the only one that touches the cache)."""
         cache = self.prefix_cache
         return self.scheduler.call(lambda: {
             "free": cache.num_free, "evictable": cache.num_evictable, "locked": cache.num_locked,
             "total": cache.num_total, "invariant_errors": self.scheduler.invariant_errors,
-        }).result()
+        })
 
-    def server_info(self) -> dict[str, Any]:
+    def page_counts(self) -> dict[str, int]:
+        return self.page_counts_future().result()
+
+    def server_info(self, page_counts: dict[str, int] | None = None) -> dict[str, Any]:
         args = asdict(self.server_args) if not hasattr(self.server_args, "to_dict") else self.server_args.to_dict()
         args.update(model_path=self.model_path, tokenizer_path=self.tokenizer_path,
                     max_running_requests=self.max_running_requests,
@@ -301,7 +306,7 @@ class Engine:
             **args, "status": "ready", "max_total_num_tokens": self.max_total_num_tokens,
             "max_req_input_len": self.max_req_input_len,
             "internal_states": [{**args, "last_gen_throughput": self.scheduler.last_gen_throughput,
-                                 "memory_usage": memory}],
+                                 "memory_usage": memory, "kv_pages": page_counts}],
             "version": _version(), "jax_backend": jax.default_backend(), "pid": os.getpid(),
         }
 

@@ -201,9 +201,7 @@ class Scheduler:
     def _sort_waiting_by_prefix(self) -> None:
         """Longest-prefix-match first; ties keep arrival order (sorted() is stable)."""
         def matched(request: Request) -> int:
-            handle = self.cache.acquire_prefix(request.tokens(0, request.total_len))
-            self.cache.release(handle, [], handle.pages, cache=False)
-            return handle.num_tokens
+            return self.cache.peek_prefix_len(request.tokens(0, request.total_len))
 
         window = [self.waiting.popleft() for _ in range(min(len(self.waiting), 128))]
         window.sort(key=matched, reverse=True)

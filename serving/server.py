@@ -101,7 +101,7 @@ def create_app(engine: Engine) -> Sanic:
         except RequestError as exc:
             if isinstance(body, dict) and body.get("stream") is True:
                 # SGLang validates lazily inside the stream: 200, an error event, then [DONE].
-                response = await request.respond(content_type="text/event-stream")
+                response = await request.respond(content_type="text/event-stream; charset=utf-8")
                 await response.send(f"data: {_dumps({'error': {'message': str(exc)}})}\n\n")
                 await response.send("data: [DONE]\n\n")
                 await response.eof()
@@ -120,7 +120,7 @@ def create_app(engine: Engine) -> Sanic:
         return sanic_response.json(result)
 
     async def _stream(request: Request, normalized):
-        response = await request.respond(content_type="text/event-stream")
+        response = await request.respond(content_type="text/event-stream; charset=utf-8")
         try:
             async for index, out in engine.stream_generate(normalized):
                 chunk = {"index": index, **out} if normalized.is_batch else out
@@ -140,7 +140,7 @@ def create_app(engine: Engine) -> Sanic:
             return False
 
     @app.get("/health")
-    @app.get("/health_generate", name="health_generate")
+    @app.get("/health_generate", name="health_generate_route")
     async def health(request: Request):
         if app.ctx.status not in ("Up", "UnHealthy"):
             return sanic_response.empty(status=503)
@@ -150,7 +150,7 @@ def create_app(engine: Engine) -> Sanic:
 
     # -- information ------------------------------------------------------------------------------
     @app.get("/get_model_info")
-    @app.get("/model_info", name="model_info")
+    @app.get("/model_info", name="model_info_route")
     async def model_info(request: Request):
         return sanic_response.json({
             "model_path": engine.model_path, "tokenizer_path": engine.tokenizer_path,
@@ -159,14 +159,15 @@ def create_app(engine: Engine) -> Sanic:
         })
 
     @app.get("/get_weight_version")
-    @app.get("/weight_version", name="weight_version")
+    @app.get("/weight_version", name="weight_version_route")
     async def weight_version(request: Request):
         return sanic_response.json({"weight_version": engine.weight_version})
 
     @app.get("/get_server_info")
-    @app.get("/server_info", name="server_info")
+    @app.get("/server_info", name="server_info_route")
     async def server_info(request: Request):
-        return sanic_response.json(engine.server_info())
+        page_counts = await asyncio.wrap_future(engine.page_counts_future())
+        return sanic_response.json(engine.server_info(page_counts))
 
     @app.get("/get_load")
     async def get_load(request: Request):

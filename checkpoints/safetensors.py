@@ -21,9 +21,18 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 _DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
 # Buffers transformers writes that are not parameters.
 _IGNORED = re.compile(r".*(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
@@ -77,8 +86,12 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
             expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
             if end - start != expected or base + end > len(data):
                 raise CheckpointError(f"{path} is corrupt: tensor {name!r} data is truncated or misplaced")
-            yield name, np.frombuffer(data, dtype=dtype, count=expected // np.dtype(dtype).itemsize,
-                                      offset=base + start).reshape(shape)
+            yield (
+                name,
+                np.frombuffer(
+                    data, dtype=dtype, count=expected // np.dtype(dtype).itemsize, offset=base + start
+                ).reshape(shape),
+            )
     finally:
         del data
 
@@ -90,7 +103,7 @@ def _target(name: str) -> tuple[tuple[str, ...], int | None]:
     if m:
         layer, name = int(m.group(1)), "layers." + m.group(2)
     elif name.startswith("model."):
-        name = name[len("model."):]
+        name = name[len("model.") :]
     if name == "embed_tokens.weight":
         return ("embed_tokens",), None
     return tuple(name.split(".")), layer
@@ -121,7 +134,9 @@ def load_params(model: nnx.Module, model_dir: Path, dtype, *, progress: bool = T
             if path not in flat and path[-1] == "weight":
                 path, transpose = path[:-1] + ("kernel",), True
             if path not in flat or (layer is None) == (path in stacked):
-                raise CheckpointError(f"unexpected tensor {name!r} in {file.name} for {model.config.architecture}")
+                raise CheckpointError(
+                    f"unexpected tensor {name!r} in {file.name} for {model.config.architecture}"
+                )
             if layer is not None and layer >= num_layers:
                 raise CheckpointError(f"tensor {name!r} names layer {layer}, but the model has {num_layers}")
             value = array.T if transpose else array

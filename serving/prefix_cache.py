@@ -115,6 +115,14 @@ class PrefixCache:
         num_tokens = len(pages) * self.page_size
         return PrefixHandle(pages, num_tokens, node, tokens[:num_tokens].copy())
 
+    def peek_prefix_len(self, token_ids: TokenIds) -> int:
+        """Tokens ``acquire_prefix(token_ids)`` would reuse now; locks nothing, splits nothing, and does
+        not count as a use for LRU (for ranking the waiting queue by cache hit)."""
+        tokens = as_token_array(token_ids)
+        if not self.enable_radix or len(tokens) <= self.page_size:
+            return 0
+        return self._tree.match_length(tokens[: len(tokens) - 1])
+
     def allocate(self, n_pages: int) -> list[int] | None:
         """Hand out ``n_pages`` private (locked) pages, evicting LRU cached pages if the free list is short.
 
@@ -131,7 +139,8 @@ class PrefixCache:
             # repeated leaf eviction and this returns exactly `shortfall` pages.
             self._allocator.free(self._tree.evict(shortfall))
         pages = self._allocator.alloc(n_pages)
-        assert pages is not None, "eviction freed fewer pages than evictable_pages promised"
+        if pages is None:
+            raise AssertionError("eviction freed fewer pages than evictable_pages promised")
         is_private = self._is_private
         for page in pages:
             is_private[page] = 1
@@ -139,7 +148,11 @@ class PrefixCache:
         return pages
 
     def release(
-        self, handle: PrefixHandle, token_ids: TokenIds, pages: Sequence[int], cache: bool = True
+        self,
+        handle: PrefixHandle,
+        token_ids: TokenIds,
+        pages: Sequence[int] | np.ndarray,
+        cache: bool = True,
     ) -> None:
         """A request is done with its KV (finished, aborted or retracted); afterwards it holds nothing.
 

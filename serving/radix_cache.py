@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["RadixCache", "RadixNode", "TokenIds"]
+__all__ = ["RadixCache", "RadixNode", "TokenIds", "as_token_array"]
 
 TokenIds = Sequence[int] | np.ndarray
 """Token ids as a Python sequence or a 1-D integer array."""
@@ -136,13 +136,15 @@ class RadixCache:
             child = node.children.get(tokens[pos : pos + page_size].tobytes())
             if child is None:
                 break
-            child.last_access = now
             matched = self._matched_pages(child.key, tokens, pos, limit)
             if matched < len(child.pages):
-                # matched >= 1: the child was found by its first page.
+                # matched >= 1: the child was found by its first page. Only the matched head counts
+                # as used; the tail keeps its access time (and so its valid heap entry).
                 node = self._split(child, matched)
+                node.last_access = now
                 pages.extend(node.pages)
                 break
+            child.last_access = now
             node = child
             pages.extend(child.pages)
             pos += len(child.key)
@@ -150,7 +152,29 @@ class RadixCache:
             self._push(node)
         return pages, node
 
-    def insert(self, token_ids: TokenIds, pages: Sequence[int]) -> list[int]:
+    def match_length(self, token_ids: TokenIds) -> int:
+        """Token count of the longest cached page-aligned prefix, with no side effect at all.
+
+        Unlike ``match_prefix`` it neither splits nodes nor counts as a use for LRU, so it is safe for
+        ranking or admission heuristics that only peek.
+        """
+        tokens = as_token_array(token_ids)
+        page_size = self.page_size
+        limit = len(tokens) - len(tokens) % page_size
+        node = self.root
+        pos = 0
+        while pos < limit:
+            child = node.children.get(tokens[pos : pos + page_size].tobytes())
+            if child is None:
+                break
+            matched = self._matched_pages(child.key, tokens, pos, limit)
+            pos += matched * page_size
+            if matched < len(child.pages):
+                break
+            node = child
+        return pos
+
+    def insert(self, token_ids: TokenIds, pages: Sequence[int] | np.ndarray) -> list[int]:
         """Insert whole pages: ``token_ids[i*page_size:(i+1)*page_size]`` is held by ``pages[i]``.
 
         Requires ``len(token_ids) == len(pages) * page_size``. Where the tree already holds a prefix
@@ -175,7 +199,6 @@ class RadixCache:
             child = node.children.get(tokens[pos : pos + page_size].tobytes())
             if child is None:
                 break
-            child.last_access = now
             matched = self._matched_pages(child.key, tokens, pos, limit)
             first_page = pos // page_size
             for offset, tree_page in enumerate(child.pages[:matched]):
@@ -184,8 +207,10 @@ class RadixCache:
                     duplicates.append(caller_page)
             if matched < len(child.pages):
                 node = self._split(child, matched)
+                node.last_access = now
                 pos += matched * page_size
                 break
+            child.last_access = now
             node = child
             pos += len(child.key)
         if pos < limit:
@@ -212,7 +237,8 @@ class RadixCache:
         """Split ``child`` after its first ``num_pages`` pages; returns the new parent (the head).
 
         ``child`` keeps its identity (and any locks held through it) as the tail. The head inherits
-        ``child``'s lock count and access time, so lock counts and page counters stay consistent.
+        ``child``'s lock count and access time, so lock counts and page counters stay consistent and
+        the tail's heap entry stays valid.
         """
         parent = child.parent
         assert parent is not None

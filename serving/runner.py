@@ -66,16 +66,24 @@ class HostBatch:
     sampling: dict[str, np.ndarray]  # SamplingBatch fields, [num_seqs]
 
 
-def _step(graphdef, params, kv_pages, batch: StepBatch):
-    model = nnx.merge(graphdef, params)
-    logits, kv_pages = model(batch.input_ids, batch.positions, kv_pages, batch.meta, batch.logits_indices)
+def _step(graphdef, layer_graphdef, abstract_layers, params, kv_pages, batch: StepBatch):
+    rest, layers = params
+    if isinstance(layers, list):  # one state per layer: the unrolled loop
+        model = nnx.merge(graphdef, abstract_layers, rest)
+        layer_modules = [nnx.merge(layer_graphdef, state) for state in layers]
+    else:
+        model = nnx.merge(graphdef, layers, rest)
+        layer_modules = None
+    logits, kv_pages = model(batch.input_ids, batch.positions, kv_pages, batch.meta, batch.logits_indices,
+                             layer_modules)
     return sample(logits, batch.sampling), kv_pages
 
 
 class ModelRunner:
     def __init__(self, model_dir: Path, *, dtype: str, page_size: int, attention_backend: str,
                  max_running_requests: int, max_step_tokens: int, context_length: int | None,
-                 max_total_tokens: int | None, mem_fraction_static: float | None):
+                 max_total_tokens: int | None, mem_fraction_static: float | None,
+                 unroll_layers: bool | None = None):
         self.model_dir = Path(model_dir)
         self.config = ModelConfig.from_dir(self.model_dir)
         self.dtype = resolve_dtype(dtype, self.config)
@@ -84,9 +92,13 @@ class ModelRunner:
         abstract = nnx.eval_shape(
             lambda: cls(self.config, dtype=self.dtype, rngs=nnx.Rngs(0), attention_backend=attention_backend)
         )
-        self.graphdef, _ = nnx.split(abstract)
+        # On CPU the layers run as an unrolled loop over per-layer arrays (see LlamaForCausalLM.hidden_states);
+        # on accelerators as a scan over the stacked params.
+        self.unroll_layers = jax.default_backend() == "cpu" if unroll_layers is None else unroll_layers
+        self.graphdef, abstract_layers, _ = nnx.split(abstract, nnx.PathContains("layers"), ...)
+        self._layer_graphdef = nnx.split(abstract.layers)[0]
         self._abstract = abstract
-        self.params = load_params(abstract, self.model_dir, self.dtype)
+        self.params = self.arrange_params(load_params(abstract, self.model_dir, self.dtype))
         self.weight_bytes = params_bytes(self.params)
 
         self.max_seqs = next_pow2(max_running_requests)
@@ -99,12 +111,22 @@ class ModelRunner:
         self.page_size = page_size
         self.pages_per_seq = -(-self.context_length // page_size)
         self.kv_pages = allocate_kv_pages(self.kv_spec)
-        self._step = jax.jit(partial(_step, self.graphdef), donate_argnums=(1,))
+        self._step = jax.jit(partial(_step, self.graphdef, self._layer_graphdef, abstract_layers),
+                             donate_argnums=(1,))
         logger.info(
             "Model %s loaded: %s, %.1f MB of weights; KV cache %d pages x %d tokens (%.1f MB)",
             self.config.architecture, jnp.dtype(self.dtype).name, self.weight_bytes / 1e6,
             self.kv_spec.num_pages, page_size, self.kv_spec.total_bytes / 1e6,
         )
+
+    def arrange_params(self, state: nnx.State):
+        """Full param state -> `(rest, layers)`: layers stacked for the scan, or a list of per-layer states."""
+        _, layers, rest = nnx.split(nnx.merge(nnx.split(self._abstract)[0], state), nnx.PathContains("layers"), ...)
+        if not self.unroll_layers:
+            return rest, layers
+        stacked = layers["layers"]
+        per_layer = [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(self.config.num_layers)]
+        return rest, per_layer
 
     # -- buckets -------------------------------------------------------------------------------
     def bucket(self, num_tokens: int, num_seqs: int) -> tuple[int, int]:

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 # Per-block working set, in (token, kv position) pairs: a block gathers `tokens * block_tokens` KV rows.
 # 32k pairs keeps a block of the default model (3 KV heads x 64 x 2 x f32) near 50 MB.
 _BLOCK_PAIR_BUDGET = 32768
+# Longest KV block: a short sequence should not gather (and mask) a block far longer than itself.
+_MAX_BLOCK_TOKENS = 128
 _NEG = -1e30
 
 
@@ -46,7 +48,7 @@ def write_kv(kv_pages, layer, k, v, page_indices, seq, pos, valid):
 
 def block_pages_for(num_tokens: int, page_size: int, pages_per_seq: int) -> int:
     """Pages per KV block: as many as the per-block budget allows for this (static) token count."""
-    block_tokens = max(page_size, _BLOCK_PAIR_BUDGET // max(num_tokens, 1))
+    block_tokens = max(page_size, min(_MAX_BLOCK_TOKENS, _BLOCK_PAIR_BUDGET // max(num_tokens, 1)))
     return max(1, min(pages_per_seq, block_tokens // page_size))
 
 

@@ -1,0 +1,1 @@
+"""Reading and writing weights: --model-path resolution, safetensors, GGUF, Orbax."""

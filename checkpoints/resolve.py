@@ -1,0 +1,134 @@
+"""--model-path -> a local model: a Hugging Face directory, a GGUF file, a hub id, or an Orbax checkpoint.
+
+Nothing here touches the network. A hub id is looked up in the local Hugging Face cache only, so a
+server starts (or fails fast) the same way offline as online.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from checkpoints.gguf import convert_gguf_to_hf_dir, is_converted_dir
+
+MODEL_KINDS = ("hf", "orbax")
+# Files orbax writes into every checkpoint it saves (StandardCheckpointer, PyTreeCheckpointer, and
+# each step of a CheckpointManager).
+_ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt")
+_HUB_ID = re.compile(r"[\w.-]+(?:/[\w.-]+)?")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A local model directory: `kind` "hf" has config.json and weights, "orbax" a saved param pytree."""
+
+    path: Path
+    kind: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in MODEL_KINDS:
+            raise ValueError(f"model kind must be one of {MODEL_KINDS}, got {self.kind!r}")
+
+
+class ModelNotFoundError(ValueError):
+    """--model-path names nothing usable. The text is SGLang's, which its clients match exactly."""
+
+    def __init__(self, model_path: str) -> None:
+        super().__init__(f"{model_path} (repository not found)")
+
+
+def cache_dir() -> Path:
+    """pallas-serve's directory in the user's cache (converted models live here)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "pallas-serve"
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment on every call (huggingface_hub's own
+    constant is frozen at import, which would ignore a later HF_HOME / HF_HUB_CACHE)."""
+    explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg_cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(os.environ.get("HF_HOME") or Path(xdg_cache) / "huggingface").expanduser() / "hub"
+
+
+def resolve_model_path(model_path: str | os.PathLike) -> ResolvedModel:
+    """Resolve --model-path: a local directory, a `.gguf` file (converted once, cached), or a hub id
+    found in the local Hugging Face cache (matched case-insensitively, as the hub does)."""
+    text = os.fspath(model_path)
+    local = Path(text).expanduser()
+    if local.is_dir():
+        if _is_orbax_checkpoint(local):
+            return ResolvedModel(local.absolute(), "orbax")
+        if (local / "config.json").is_file():
+            return ResolvedModel(local.absolute(), "hf")
+        raise ModelNotFoundError(text)
+    if local.is_file() and local.suffix.lower() == ".gguf":
+        return ResolvedModel(_converted_gguf_dir(local), "hf")
+    snapshot = _hub_cache_snapshot(text) if _HUB_ID.fullmatch(text) else None
+    if snapshot is None:
+        raise ModelNotFoundError(text)
+    return ResolvedModel(snapshot, "hf")
+
+
+def _is_orbax_checkpoint(directory: Path) -> bool:
+    # Checked before config.json: an Orbax save may keep config.json beside it for the architecture.
+    if any((directory / marker).exists() for marker in _ORBAX_MARKERS):
+        return True
+    # A CheckpointManager root holds one directory per saved step.
+    return any((child / "_CHECKPOINT_METADATA").is_file() for child in directory.iterdir() if child.is_dir())
+
+
+def _converted_gguf_dir(gguf_path: Path) -> Path:
+    """The Hugging Face directory for a GGUF file, converted on first use. The cache key covers the
+    file's path, size and modification time, so an edited file is converted again."""
+    gguf_path = gguf_path.resolve()
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "gguf" / f"{gguf_path.stem}-{key}"
+    if is_converted_dir(target):
+        return target
+    if target.exists():
+        # Conversions appear by atomic rename, so an incomplete directory was damaged by hand.
+        shutil.rmtree(target)
+    source = {"gguf": str(gguf_path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return convert_gguf_to_hf_dir(gguf_path, target, source=source)
+
+
+def _hub_cache_snapshot(repo_id: str) -> Path | None:
+    """The snapshot directory of `repo_id` in the local hub cache, or None.
+
+    The cache keeps one folder per repo, `models--{owner}--{name}`, spelled as the id was first
+    downloaded; hub ids are case-insensitive, so an exact spelling wins and any other casing is
+    accepted.
+    """
+    cache = hub_cache_dir()
+    if not cache.is_dir():
+        return None
+    wanted = "models--" + repo_id.replace("/", "--")
+    exact = cache / wanted
+    candidates = [exact] if exact.is_dir() else []
+    candidates += sorted(c for c in cache.iterdir() if c.name.lower() == wanted.lower() and c != exact)
+    for repo_dir in candidates:
+        snapshot = _snapshot_with_config(repo_dir)
+        if snapshot is not None:
+            return snapshot
+    return None
+
+
+def _snapshot_with_config(repo_dir: Path) -> Path | None:
+    """The snapshot refs/main points at, else the newest snapshot that has a config.json."""
+    snapshots = repo_dir / "snapshots"
+    main_ref = repo_dir / "refs" / "main"
+    if main_ref.is_file():
+        pinned = snapshots / main_ref.read_text().strip()
+        if (pinned / "config.json").is_file():
+            return pinned
+    if not snapshots.is_dir():
+        return None
+    complete = [s for s in snapshots.iterdir() if (s / "config.json").is_file()]
+    return max(complete, key=lambda s: s.stat().st_mtime) if complete else None

@@ -1,0 +1,269 @@
+"""Server configuration: `ServerArgs` and the `python -m serving.main` command line.
+
+Flag names and defaults follow SGLang's `launch_server` (shared/reference/api-contract.md section 8)
+where the flag means the same thing for us, so existing launch commands work. Our own flags:
+`--disable-precompile`, `--compilation-cache-dir`, `--disable-compilation-cache`, and the
+`pallas` / `reference` backend choices. Every value is validated in `ServerArgs.__post_init__`, so a
+ServerArgs built from Python is checked exactly like one built from the command line.
+
+Defaults that differ from SGLang, and why:
+- `model_path` may be omitted: None means the bundled default model (SmolLM2-135M-Instruct), which
+  the engine resolves.
+- `page_size` is 16, not 1. Our attention kernels walk the KV cache page by page; with one token per
+  page every sequence needs one page-table entry and one gather per token, which caps throughput.
+  Sixteen tokens per page amortize that, at the cost of prefix-cache matches being rounded down to a
+  page boundary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+DTYPE_CHOICES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+LOG_LEVEL_CHOICES = ("debug", "info", "warning", "error", "critical")
+SCHEDULE_POLICY_CHOICES = ("fcfs", "lpm")
+BACKEND_CHOICES = ("auto", "pallas", "reference")
+EXPERT_RECORDER_MODE_CHOICES = ("stat", "per_pass", "per_token")
+SAMPLING_DEFAULTS_CHOICES = ("model", "openai")
+
+
+def default_compilation_cache_dir() -> str:
+    """`${XDG_CACHE_HOME:-~/.cache}/pallas-serve/jax-compile-cache`."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "pallas-serve", "jax-compile-cache")
+
+
+def _arg(default: Any, help: str, *, type: Any = None, choices: tuple | None = None,
+         aliases: tuple[str, ...] = (), flag: str | None = None) -> Any:
+    """A dataclass field carrying what argparse needs. Bool fields become store_true flags, or
+    store_false when `flag` names an inverse flag (e.g. --disable-precompile for precompile)."""
+    return field(default=default, metadata={
+        "help": help, "type": type, "choices": choices, "aliases": aliases, "flag": flag,
+    })
+
+
+@dataclass
+class ServerArgs:
+    """Every launch option. Field names are SGLang's (dashes on the command line)."""
+
+    # Model and tokenizer
+    model_path: str | None = _arg(
+        None, "Local directory, GGUF file or Hugging Face repo id of the model; omitted = the bundled "
+        "default model.", type=str, aliases=("--model",))
+    tokenizer_path: str | None = _arg(None, "Tokenizer location; omitted = the model path.", type=str)
+    skip_tokenizer_init: bool = _arg(
+        False, "Load no tokenizer: requests must give input_ids and responses carry no text.")
+    load_format: str = _arg("auto", "Weight format to load (auto picks from the files found).", type=str)
+    trust_remote_code: bool = _arg(False, "Accepted for compatibility; no remote code is ever run.")
+    revision: str | None = _arg(None, "Hugging Face revision (branch, tag or commit).", type=str)
+    context_length: int | None = _arg(None, "Max context length; omitted = the model config's.", type=int)
+    is_embedding: bool = _arg(False, "Serve the model as an embedding / reward / cross-encoder model.")
+    served_model_name: str | None = _arg(
+        None, "Name reported by /v1/models and metrics; omitted = the model path.", type=str)
+    weight_version: str = _arg("default", "Initial weight version string.", type=str)
+    dtype: str = _arg("auto", "Weight and activation dtype.", type=str, choices=DTYPE_CHOICES)
+
+    # HTTP server
+    host: str = _arg("127.0.0.1", "Bind address.", type=str)
+    port: int = _arg(30000, "HTTP port.", type=int)
+    log_level: str = _arg("info", "Log level of all loggers.", type=str.lower, choices=LOG_LEVEL_CHOICES)
+    api_key: str | None = _arg(None, "Bearer key required on every route except /health* and /metrics.",
+                               type=str)
+    skip_server_warmup: bool = _arg(False, "Mark the server ready without the warm-up request.")
+    enable_metrics: bool = _arg(False, "Collect Prometheus metrics and mount /metrics.")
+    enable_cache_report: bool = _arg(
+        False, "Report cached prompt tokens in OpenAI responses (usage.prompt_tokens_details).")
+    watchdog_timeout: float = _arg(300.0, "Crash if one forward step hangs this many seconds.", type=float)
+
+    # Memory and scheduling
+    page_size: int = _arg(16, "Tokens per KV-cache page (a power of two).", type=int)
+    max_running_requests: int | None = _arg(None, "Max concurrently running requests; omitted = auto.",
+                                            type=int)
+    max_queued_requests: int | None = _arg(
+        None, "Queue cap; a request beyond it gets 503 'The request queue is full.'", type=int)
+    max_total_tokens: int | None = _arg(None, "KV pool size in tokens; omitted = from memory.", type=int)
+    mem_fraction_static: float | None = _arg(
+        None, "Fraction of device memory for weights + KV pool; omitted = auto.", type=float)
+    chunked_prefill_size: int | None = _arg(
+        None, "Max tokens per prefill chunk; -1 disables chunking; omitted = auto.", type=int)
+    max_prefill_tokens: int = _arg(16384, "Token budget of one prefill batch.", type=int)
+    schedule_policy: str = _arg("fcfs", "Order in which waiting requests are admitted.", type=str,
+                                choices=SCHEDULE_POLICY_CHOICES)
+    disable_radix_cache: bool = _arg(False, "Disable prefix caching.")
+    random_seed: int | None = _arg(None, "Global seed; omitted = random.", type=int)
+
+    # Sampling and streaming
+    preferred_sampling_params: str | None = _arg(
+        None, "JSON object merged under every /generate request's sampling_params (request keys win).",
+        type=str)
+    sampling_defaults: str = _arg(
+        "model", "'model': chat completions default to the model's generation_config; 'openai': to the "
+        "OpenAI constants.", type=str, choices=SAMPLING_DEFAULTS_CHOICES)
+    stream_interval: int = _arg(1, "Tokens per streamed chunk.", type=int)
+    stream_output: bool = _arg(False, "Stream only the output_ids new since the previous chunk.")
+    allow_auto_truncate: bool = _arg(False, "Truncate over-long prompts instead of answering 400.")
+
+    # Kernels and compilation
+    attention_backend: str = _arg("auto", "Attention implementation (auto picks by platform).", type=str,
+                                  choices=BACKEND_CHOICES)
+    moe_backend: str = _arg("auto", "MoE grouped-matmul implementation (auto picks by platform).", type=str,
+                            choices=BACKEND_CHOICES)
+    precompile: bool = _arg(True, "Do not compile every shape bucket at startup (compile on first use).",
+                            flag="--disable-precompile")
+    compilation_cache_dir: str | None = _arg(
+        None, "Persistent JAX compilation cache directory; omitted = "
+        "${XDG_CACHE_HOME:-~/.cache}/pallas-serve/jax-compile-cache.", type=str)
+    disable_compilation_cache: bool = _arg(False, "Do not use the persistent JAX compilation cache.")
+
+    # Parallelism
+    tp_size: int = _arg(1, "Tensor-parallel degree.", type=int, aliases=("--tensor-parallel-size",))
+    dp_size: int = _arg(1, "Data-parallel degree.", type=int, aliases=("--data-parallel-size",))
+    ep_size: int = _arg(1, "Expert-parallel degree.", type=int, aliases=("--ep",))
+
+    # Expert-distribution recording (MoE)
+    expert_distribution_recorder_mode: str | None = _arg(
+        None, "Record router expert choices (off when omitted).", type=str,
+        choices=EXPERT_RECORDER_MODE_CHOICES)
+    expert_distribution_recorder_buffer_size: int | None = _arg(
+        None, "Forward passes kept by the recorder; -1 = unbounded; omitted = 1000.", type=int)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.log_level, str):
+            self.log_level = self.log_level.lower()
+        self._check_choice("dtype", DTYPE_CHOICES)
+        self._check_choice("log_level", LOG_LEVEL_CHOICES)
+        self._check_choice("schedule_policy", SCHEDULE_POLICY_CHOICES)
+        self._check_choice("attention_backend", BACKEND_CHOICES)
+        self._check_choice("moe_backend", BACKEND_CHOICES)
+        self._check_choice("sampling_defaults", SAMPLING_DEFAULTS_CHOICES)
+        if self.expert_distribution_recorder_mode is not None:
+            self._check_choice("expert_distribution_recorder_mode", EXPERT_RECORDER_MODE_CHOICES)
+
+        if not isinstance(self.host, str) or not self.host:
+            raise ValueError("host must be a non-empty string.")
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"port must be in [1, 65535], got {self.port}.")
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two (1, 2, 4, ...), got {self.page_size}.")
+        for name in ("context_length", "max_running_requests", "max_queued_requests", "max_total_tokens"):
+            self._check_at_least(name, 1, optional=True)
+        for name in ("max_prefill_tokens", "stream_interval", "tp_size", "dp_size", "ep_size"):
+            self._check_at_least(name, 1, optional=False)
+        if self.chunked_prefill_size is not None and self.chunked_prefill_size != -1 and self.chunked_prefill_size < 1:
+            raise ValueError(
+                f"chunked_prefill_size must be -1 (disable chunking) or at least 1, got {self.chunked_prefill_size}."
+            )
+        buffer_size = self.expert_distribution_recorder_buffer_size
+        if buffer_size is not None and buffer_size != -1 and buffer_size < 1:
+            raise ValueError(
+                f"expert_distribution_recorder_buffer_size must be -1 (unbounded) or at least 1, got {buffer_size}."
+            )
+        if self.mem_fraction_static is not None and not 0.0 < self.mem_fraction_static <= 1.0:
+            raise ValueError(f"mem_fraction_static must be in (0, 1], got {self.mem_fraction_static}.")
+        if self.random_seed is not None and self.random_seed < 0:
+            raise ValueError(f"random_seed must be non-negative, got {self.random_seed}.")
+        if not self.watchdog_timeout > 0:
+            raise ValueError(f"watchdog_timeout must be positive, got {self.watchdog_timeout}.")
+        if not self.load_format:
+            raise ValueError("load_format must be a non-empty string.")
+        self._preferred = self._parse_preferred_sampling_params()
+        if self.compilation_cache_dir is None:
+            self.compilation_cache_dir = default_compilation_cache_dir()
+        else:
+            self.compilation_cache_dir = os.path.expanduser(self.compilation_cache_dir)
+
+    def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
+        value = getattr(self, name)
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}.")
+
+    def _check_at_least(self, name: str, minimum: int, *, optional: bool) -> None:
+        value = getattr(self, name)
+        if value is None and optional:
+            return
+        if value is None or value < minimum:
+            raise ValueError(f"{name} must be at least {minimum}, got {value}.")
+
+    def _parse_preferred_sampling_params(self) -> dict[str, Any] | None:
+        raw = self.preferred_sampling_params
+        if raw is None:
+            return None
+        try:
+            parsed = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"preferred_sampling_params is not valid JSON: {exc}.") from None
+        if not isinstance(parsed, dict):
+            raise ValueError(f"preferred_sampling_params must be a JSON object, got {raw!r}.")
+        # A bad key here would fail every request; say so at startup instead.
+        from serving.protocol import RequestError, SamplingParams
+
+        try:
+            SamplingParams.from_dict(parsed)
+        except RequestError as exc:
+            raise ValueError(f"preferred_sampling_params: {exc}") from None
+        return parsed
+
+    @property
+    def preferred_sampling_params_dict(self) -> dict[str, Any] | None:
+        """The parsed `--preferred-sampling-params` object (None when not set). `/get_model_info`
+        echoes the raw string field instead."""
+        return None if self._preferred is None else dict(self._preferred)
+
+    def effective_compilation_cache_dir(self) -> str | None:
+        """Where the runner points JAX's persistent compilation cache; None when disabled."""
+        return None if self.disable_compilation_cache else self.compilation_cache_dir
+
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        return f"http://{host}:{self.port}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, JSON-compatible, for /get_server_info.
+
+        Unlike SGLang, which returns the API key in clear text there, `api_key` is always reported
+        as null: whoever can read /get_server_info must not learn the key from it.
+        """
+        out = dataclasses.asdict(self)
+        out["api_key"] = None
+        return out
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        add_cli_args(parser)
+
+    @classmethod
+    def from_cli(cls, argv: list[str] | None = None) -> ServerArgs:
+        """Parse a command line (sys.argv[1:] when None). Invalid values exit with status 2 and an
+        argparse-style message, like any other usage error."""
+        parser = argparse.ArgumentParser(
+            prog="python -m serving.main",
+            description="pallas-serve: an LLM server speaking SGLang's native HTTP API.",
+        )
+        add_cli_args(parser)
+        namespace = parser.parse_args(argv)
+        try:
+            return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)})
+        except ValueError as exc:
+            parser.error(str(exc))
+            raise  # unreachable: parser.error exits
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per ServerArgs field (`--field-name`, plus SGLang's aliases)."""
+    for f in dataclasses.fields(ServerArgs):
+        meta = f.metadata
+        flags = [meta["flag"] or "--" + f.name.replace("_", "-"), *meta["aliases"]]
+        if f.type in ("bool", bool):
+            action = "store_false" if meta["flag"] else "store_true"
+            parser.add_argument(*flags, dest=f.name, action=action, default=f.default, help=meta["help"])
+            continue
+        default_text = "" if f.default is None else f" (default: {f.default})"
+        parser.add_argument(
+            *flags, dest=f.name, type=meta["type"], choices=meta["choices"], default=f.default,
+            help=meta["help"] + default_text,
+        )

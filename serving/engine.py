@@ -25,7 +25,13 @@ from typing import Any
 import jax
 
 from serving.prefix_cache import PrefixCache
-from serving.protocol import GenerateItem, NormalizedGenerate, RequestError, parse_generate_request
+from serving.protocol import (
+    GenerateItem,
+    NormalizedGenerate,
+    RequestError,
+    UpdateWeightsRequest,
+    parse_generate_request,
+)
 from serving.request import Output, Request
 from serving.runner import ModelRunner
 from serving.scheduler import Scheduler
@@ -64,6 +70,7 @@ class Engine:
         self.model_dir = resolve_model_dir(args.model_path)
         self.model_path = args.model_path or str(self.model_dir)
         self.tokenizer_path = args.tokenizer_path or self.model_path
+        self.served_model_name = args.served_model_name or self.model_path
         on_cpu = jax.default_backend() == "cpu"
         self.max_running_requests = args.max_running_requests or (64 if on_cpu else 256)
         chunk = args.chunked_prefill_size or (512 if on_cpu else 8192)
@@ -272,6 +279,37 @@ class Engine:
                 yield value
 
         return iterate() if stream else next(iterate())
+
+    async def update_weights_from_disk(self, request: UpdateWeightsRequest) -> dict[str, Any]:
+        """Swap in another checkpoint between steps, after the requests in flight finish (or are
+        aborted with `abort_all_requests`); on any failure the served weights stay as they were."""
+        def result(success: bool, message: str) -> dict[str, Any]:
+            return {"success": success, "message": message, "num_paused_requests": 0}
+
+        try:
+            model_dir = await asyncio.to_thread(resolve_model_dir, request.model_path)
+        except Exception as exc:
+            return result(False, f"Failed to get weights iterator: {exc}.")
+        try:
+            params = await asyncio.to_thread(self.runner.read_weights, model_dir)
+        except Exception as exc:
+            return result(False, f"Failed to update weights: {exc}.\nRolling back to original weights.")
+        if request.abort_all_requests:
+            self.scheduler.abort("", abort_all=True)
+
+        def swap() -> None:
+            self.runner.params = params
+            if request.flush_cache:
+                self.scheduler.flush()
+
+        await asyncio.wrap_future(self.scheduler.call_when_idle(swap))
+        self.model_path = request.model_path
+        self.served_model_name = request.model_path
+        message = "Succeeded to update model weights."
+        if request.weight_version is not None:
+            self.weight_version = request.weight_version
+            message += f" Weight version updated to {request.weight_version}."
+        return result(True, message)
 
     # -- control ----------------------------------------------------------------------------------
     def flush_cache(self) -> bool:

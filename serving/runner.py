@@ -128,6 +128,18 @@ class ModelRunner:
         per_layer = [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(self.config.num_layers)]
         return rest, per_layer
 
+    def read_weights(self, model_dir: Path):
+        """Load another checkpoint of the same architecture and shapes (for a weight swap)."""
+        config = ModelConfig.from_dir(model_dir)
+        mine, theirs = self.config, config
+        for field in ("architecture", "vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                      "num_heads", "num_kv_heads", "head_dim", "tie_word_embeddings", "attention_bias",
+                      "qk_norm"):
+            if getattr(mine, field) != getattr(theirs, field):
+                raise ValueError(f"{field} differs: serving {getattr(mine, field)}, new checkpoint "
+                                 f"{getattr(theirs, field)}")
+        return self.arrange_params(load_params(self._abstract, Path(model_dir), self.dtype))
+
     # -- buckets -------------------------------------------------------------------------------
     def bucket(self, num_tokens: int, num_seqs: int) -> tuple[int, int]:
         """Padded (T, S). S follows T up to the sequence cap, so there is one bucket per token count."""

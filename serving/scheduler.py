@@ -47,6 +47,8 @@ class Scheduler:
         self.last_output_time = 0.0
         self.last_gen_throughput = 0.0
         self.invariant_errors = 0
+        self.idle_calls: list[tuple[Callable[[], Any], Future]] = []
+        self.held: list[Request] = []  # arrived while an idle call waits
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
 
@@ -71,12 +73,25 @@ class Scheduler:
         self.inbox.put(("call", (fn, future)))
         return future
 
+    def call_when_idle(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn` once every request admitted before it has finished (a weight swap must not mix
+        weights inside one request); requests arriving meanwhile wait until `fn` has run."""
+        future: Future = Future()
+        self.inbox.put(("call_idle", (fn, future)))
+        return future
+
     # -- the loop ---------------------------------------------------------------------------------
     def _loop(self) -> None:
         idle_checked = False
         while not self._stop.is_set():
             busy = bool(self.waiting or self.running)
             self._drain_inbox(block=not busy)
+            if self.idle_calls and not (self.waiting or self.running):
+                for call in self.idle_calls:
+                    _run_call(*call)
+                self.idle_calls.clear()
+                self.waiting.extend(self.held)
+                self.held.clear()
             if not (self.waiting or self.running):
                 if not idle_checked:
                     idle_checked = True
@@ -109,16 +124,13 @@ class Scheduler:
         while True:
             kind, payload = item
             if kind == "add":
-                self.waiting.append(payload)
+                (self.held if self.idle_calls else self.waiting).append(payload)
             elif kind == "abort":
                 self._abort(*payload)
             elif kind == "call":
-                fn, future = payload
-                if future.set_running_or_notify_cancel():
-                    try:
-                        future.set_result(fn())
-                    except Exception as exc:
-                        future.set_exception(exc)
+                _run_call(*payload)
+            elif kind == "call_idle":
+                self.idle_calls.append(payload)
             try:
                 item = self.inbox.get_nowait()
             except queue.Empty:
@@ -281,11 +293,12 @@ class Scheduler:
         request.maybe_emit()
 
     def _abort(self, rid: str, abort_all: bool) -> None:
-        for request in list(self.waiting):
-            if abort_all or request.rid.startswith(rid):
-                self.waiting.remove(request)
-                request.finish({"type": "abort", "message": "Abort in waiting queue"})
-                request.maybe_emit()
+        for queue_ in (self.waiting, self.held):
+            for request in list(queue_):
+                if abort_all or request.rid.startswith(rid):
+                    queue_.remove(request)
+                    request.finish({"type": "abort", "message": "Abort in waiting queue"})
+                    request.maybe_emit()
         for request in list(self.running):
             if abort_all or request.rid.startswith(rid):
                 self._finish(request, {"type": "abort", "message": "Aborted", "status_code": None,
@@ -294,11 +307,20 @@ class Scheduler:
     # -- queries (scheduler thread, through call()) -----------------------------------------------
     def load(self) -> dict[str, int]:
         used = (self.cache.num_total - self.cache.available_pages) * self.page_size
-        queued = sum(r.total_len for r in self.waiting)
-        return {"num_reqs": len(self.running) + len(self.waiting), "num_waiting_reqs": len(self.waiting),
+        waiting = len(self.waiting) + len(self.held)
+        queued = sum(r.total_len for r in self.waiting) + sum(r.total_len for r in self.held)
+        return {"num_reqs": len(self.running) + waiting, "num_waiting_reqs": waiting,
                 "num_tokens": used + queued}
 
     def flush(self) -> bool:
-        if self.running or self.waiting:
+        if self.running or self.waiting or self.held:
             return False
         return self.cache.flush()
+
+
+def _run_call(fn: Callable[[], Any], future: Future) -> None:
+    if future.set_running_or_notify_cancel():
+        try:
+            future.set_result(fn())
+        except Exception as exc:
+            future.set_exception(exc)

@@ -18,7 +18,7 @@ from sanic import response as sanic_response
 from sanic.exceptions import MethodNotAllowed, NotFound
 
 from serving.engine import Engine
-from serving.protocol import RequestError, parse_abort_request
+from serving.protocol import RequestError, parse_abort_request, parse_update_weights_request
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,6 @@ def create_app(engine: Engine) -> Sanic:
     app.config.KEEP_ALIVE_TIMEOUT = 5
     app.config.REQUEST_MAX_SIZE = 256 * 1024 * 1024
     app.ctx.status = "Starting"
-    served_model_name = args.served_model_name or engine.model_path
 
     def model_card(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "pallas-serve",
@@ -176,21 +175,30 @@ def create_app(engine: Engine) -> Sanic:
 
     @app.get("/v1/models")
     async def list_models(request: Request):
-        return sanic_response.json({"object": "list", "data": [model_card(served_model_name)]})
+        return sanic_response.json({"object": "list", "data": [model_card(engine.served_model_name)]})
 
     @app.get("/v1/models/<model_id:path>")
     async def get_model(request: Request, model_id: str):
-        if model_id != served_model_name:
+        if model_id != engine.served_model_name:
             return sanic_response.json({"error": {
                 "message": f"The model '{model_id}' does not exist", "type": "invalid_request_error",
                 "param": "model", "code": "model_not_found"}}, status=404)
-        return sanic_response.json(model_card(served_model_name))
+        return sanic_response.json(model_card(engine.served_model_name))
 
     # -- control ----------------------------------------------------------------------------------
     @app.route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache(request: Request):
         ok = await asyncio.wrap_future(engine.scheduler.call(engine.scheduler.flush))
         return sanic_response.text(FLUSH_TEXT, status=200 if ok else 400)
+
+    @app.post("/update_weights_from_disk")
+    async def update_weights_from_disk(request: Request):
+        try:
+            update = parse_update_weights_request(read_json(request))
+        except RequestError as exc:
+            return error_response(str(exc))
+        result = await engine.update_weights_from_disk(update)
+        return sanic_response.json(result, status=200 if result["success"] else 400)
 
     @app.post("/abort_request")
     async def abort_request(request: Request):

@@ -13,7 +13,7 @@ import requests
 import torch
 import transformers
 
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, make_tiny_checkpoint
 
 SERVER_FLAGS = ("--page-size", "4", "--max-total-tokens", "4096", "--max-running-requests", "8",
                 "--chunked-prefill-size", "32", "--random-seed", "0")
@@ -118,7 +118,7 @@ def test_stream_is_cumulative_and_ends_with_done(server):
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert len(chunks) == 12
-    for before, after in zip(chunks, chunks[1:]):
+    for before, after in zip(chunks, chunks[1:], strict=False):
         assert after["output_ids"][: len(before["output_ids"])] == before["output_ids"]
         assert after["text"].startswith(before["text"].rstrip("\ufffd"))
     assert all(c["meta_info"]["finish_reason"] is None for c in chunks[:-1])
@@ -271,3 +271,38 @@ def test_flush_cache_refused_while_busy(server):
                          "or waiting requests, the operation will not be performed.)\n")
     counts = page_counts(server)
     assert counts["free"] == counts["total"]
+
+
+def test_update_weights_from_disk(server, tiny_llama_dir, tmp_path, hf_model):
+    ids = random_ids(7)
+    body = {"input_ids": ids, "sampling_params": {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}}
+    before = server.post("/generate", json=body).json()["output_ids"]
+
+    same = server.post("/update_weights_from_disk", json={"model_path": str(tiny_llama_dir)})
+    assert same.status_code == 200
+    assert same.json() == {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
+
+    missing = server.post("/update_weights_from_disk", json={"model_path": "qwen/qwen2.5-0.5b-instruct-wrong"})
+    assert missing.status_code == 400
+    assert missing.json()["message"] == ("Failed to get weights iterator: qwen/qwen2.5-0.5b-instruct-wrong "
+                                         "(repository not found).")
+
+    other_shape = make_tiny_checkpoint(tmp_path / "wide", "llama", hidden_size=96)
+    wrong = server.post("/update_weights_from_disk", json={"model_path": str(other_shape)}).json()
+    assert wrong["success"] is False and wrong["message"].startswith("Failed to update weights: ")
+    assert wrong["message"].endswith("Rolling back to original weights.")
+    assert server.post("/generate", json=body).json()["output_ids"] == before  # nothing changed
+
+    other = make_tiny_checkpoint(tmp_path / "other", "llama")
+    swapped = server.post("/update_weights_from_disk", json={"model_path": str(other), "weight_version": "v2"})
+    assert swapped.json()["message"] == "Succeeded to update model weights. Weight version updated to v2."
+    out = server.post("/generate", json=body).json()
+    other_hf = transformers.AutoModelForCausalLM.from_pretrained(other, dtype=torch.float32).eval()
+    assert out["output_ids"] == greedy(other_hf, ids, 8)
+    assert out["meta_info"]["weight_version"] == "v2"
+    assert server.get("/get_model_info").json()["model_path"] == str(other)
+    assert server.get("/v1/models").json()["data"][0]["id"] == str(other)
+
+    back = server.post("/update_weights_from_disk", json={"model_path": str(tiny_llama_dir), "weight_version": "default"})
+    assert back.json()["success"] is True
+    assert server.post("/generate", json=body).json()["output_ids"] == greedy(hf_model, ids, 8)

@@ -28,6 +28,8 @@ def token_layout(kv_lens, cu_q_lens, num_seqs, num_tokens):
     """
     num_seqs_padded = kv_lens.shape[0]
     t = jnp.arange(num_tokens, dtype=jnp.int32)
+    # Entries past `num_seqs` may hold anything: treat them as empty sequences.
+    cu_q_lens = jnp.where(jnp.arange(num_seqs_padded + 1) > num_seqs[0], cu_q_lens[num_seqs[0]], cu_q_lens)
     valid = t < cu_q_lens[num_seqs[0]]
     seq = jnp.searchsorted(cu_q_lens[1:], t, side="right", method="compare_all").astype(jnp.int32)
     seq = jnp.minimum(seq, num_seqs_padded - 1)
@@ -101,6 +103,8 @@ def ragged_paged_attention(
         mask = (kv_pos[None, :] <= pos[:, None]) & (kv_pos[None, :] < token_kv_len[:, None])
         if sliding_window is not None:
             mask &= kv_pos[None, :] > pos[:, None] - sliding_window
+        # Slots past a sequence's length may hold anything (even NaN): zero them, as 0 * NaN is NaN.
+        vb = jnp.where((kv_pos[None, :] < token_kv_len[:, None])[..., None, None], vb, 0.0)
         mask = mask[:, None, None, :]
         s = jnp.where(mask, s, _NEG)
         m_new = jnp.maximum(m, s.max(axis=-1))

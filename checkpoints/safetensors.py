@@ -74,15 +74,21 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
             header = json.loads(bytes(data[8 : 8 + header_len]))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{path} is corrupt: unreadable header ({exc})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path} is corrupt: the header is not a JSON object")
         base = 8 + header_len
         for name, info in header.items():
             if name == "__metadata__":
                 continue
-            dtype = _DTYPES.get(info.get("dtype"))
+            try:
+                dtype_name, (start, end), shape = info["dtype"], info["data_offsets"], tuple(info["shape"])
+            except (TypeError, KeyError, ValueError):
+                raise CheckpointError(f"{path} is corrupt: malformed header entry for tensor {name!r}") from None
+            if not all(type(v) is int and v >= 0 for v in (start, end, *shape)):
+                raise CheckpointError(f"{path} is corrupt: malformed header entry for tensor {name!r}")
+            dtype = _DTYPES.get(dtype_name)
             if dtype is None:
-                raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-            start, end = info["data_offsets"]
-            shape = tuple(info["shape"])
+                raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype_name!r}")
             expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
             if end - start != expected or base + end > len(data):
                 raise CheckpointError(f"{path} is corrupt: tensor {name!r} data is truncated or misplaced")
@@ -107,6 +113,18 @@ def _target(name: str) -> tuple[tuple[str, ...], int | None]:
     if name == "embed_tokens.weight":
         return ("embed_tokens",), None
     return tuple(name.split(".")), layer
+
+
+def _hf_name(path: tuple[str, ...], layer: int) -> str:
+    """Our param path -> the transformers tensor name it is read from (for error messages)."""
+    leaf = "weight" if path[-1] == "kernel" else path[-1]
+    if path == ("embed_tokens",):
+        return "model.embed_tokens.weight"
+    if path[0] == "lm_head":
+        return "lm_head.weight"
+    if path[0] == "layers":
+        return ".".join(("model.layers", str(layer), *path[1:-1], leaf))
+    return ".".join(("model", *path[:-1], leaf))
 
 
 def load_params(model: nnx.Module, model_dir: Path, dtype, *, progress: bool = True) -> nnx.State:
@@ -159,9 +177,8 @@ def load_params(model: nnx.Module, model_dir: Path, dtype, *, progress: bool = T
         expected = set(range(num_layers)) if path in stacked else {0}
         if layers != expected:
             missing = sorted(expected - layers)
-            hf = ".".join(p for p in path if p != "kernel")
-            where = f" (layers {missing[:8]}{'...' if len(missing) > 8 else ''})" if path in stacked else ""
-            raise CheckpointError(f"missing tensor for {hf}{where} in {model_dir}")
+            raise CheckpointError(f"missing tensor {_hf_name(path, missing[0])!r} in {model_dir}"
+                                  + (f" ({len(missing)} layers lack it)" if len(missing) > 1 else ""))
 
     for path, leaf in nnx.to_flat_state(state):
         key = tuple(str(k) for k in path)

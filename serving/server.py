@@ -60,7 +60,7 @@ class _BadBody(Exception):
 
 def create_app(engine: Engine) -> Sanic:
     args = engine.server_args
-    app = Sanic("pallas_serve", dumps=_dumps)
+    app = Sanic("pallas_serve", dumps=_dumps, configure_logging=False)
     app.config.KEEP_ALIVE_TIMEOUT = 5
     app.config.REQUEST_MAX_SIZE = 256 * 1024 * 1024
     app.ctx.status = "Starting"

@@ -175,7 +175,7 @@ CASES: dict[str, Case] = {
                                       ("model-00002-of-00002.safetensors",)),
     # tensors that do not fit the model
     "missing-layer-tensor": Case(rewrite(lambda t: t.pop(UP_PROJ_1)), CheckpointError,
-                                 ("missing", "mlp.up_proj", "[1]", "{dir}")),
+                                 ("missing", "model.layers.1.mlp.up_proj.weight", "{dir}")),
     "missing-final-norm": Case(rewrite(lambda t: t.pop("model.norm.weight")), CheckpointError,
                                ("missing", "norm")),
     "missing-lm-head": Case(rewrite(lambda t: t.pop("lm_head.weight")), CheckpointError,

@@ -148,7 +148,11 @@ def main() -> None:
     ]
     text = "\n".join(header + table) + "\n"
     print(text)
-    Path(args.output).write_text(text)
+    # Keep the hand-written analysis below the table across runs.
+    output = Path(args.output)
+    previous = output.read_text() if output.exists() else ""
+    marker = "\n## Where the time goes"
+    output.write_text(text + (previous[previous.index(marker):] if marker in previous else ""))
 
 
 if __name__ == "__main__":

@@ -43,9 +43,13 @@ def write_kv(kv_pages, layer, k, v, page_indices, seq, pos, valid):
     num_pages, page_size = kv_pages.shape[1], kv_pages.shape[2]
     num_tokens, num_kv_heads, head_dim = k.shape
     page = page_indices[seq, pos // page_size]
-    page = jnp.where(valid, page, num_pages)
+    # Flat (layer, page) row index into a [layers * pages, ...] view: indexing `kv_pages[layer]` first
+    # made XLA:CPU materialize the whole layer (a copy per layer per step, growing with the pool).
+    row = jnp.where(valid, layer * num_pages + page, kv_pages.shape[0] * num_pages)
     kv_new = jnp.stack([k, v], axis=2).reshape(num_tokens, 2 * num_kv_heads, head_dim)
-    return kv_pages.at[layer, page, pos % page_size].set(kv_new.astype(kv_pages.dtype), mode="drop")
+    flat = kv_pages.reshape((-1,) + kv_pages.shape[2:])
+    flat = flat.at[row, pos % page_size].set(kv_new.astype(kv_pages.dtype), mode="drop")
+    return flat.reshape(kv_pages.shape)
 
 
 def block_pages_for(num_tokens: int, page_size: int, pages_per_seq: int) -> int:
@@ -93,7 +97,8 @@ def ragged_paged_attention(
     def body(block, carry):
         m, denom, acc = carry
         pages = jax.lax.dynamic_slice_in_dim(page_indices, block * block_pages, block_pages, axis=1)
-        kv = kv_pages[layer, pages[seq]].astype(jnp.float32)  # [T, bp, ps, 2H, D]
+        rows = layer * kv_pages.shape[1] + pages[seq]  # flat (layer, page) rows, see write_kv
+        kv = kv_pages.reshape((-1,) + kv_pages.shape[2:])[rows].astype(jnp.float32)  # [T, bp, ps, 2H, D]
         kv = kv.reshape(num_tokens, block_tokens, num_kv_heads, 2, head_dim)
         kb, vb = kv[..., 0, :], kv[..., 1, :]
         s = jnp.einsum("thgd,tkhd->thgk", qg, kb)

@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -333,7 +332,7 @@ class Engine:
         return self.page_counts_future().result()
 
     def server_info(self, page_counts: dict[str, int] | None = None) -> dict[str, Any]:
-        args = asdict(self.server_args) if not hasattr(self.server_args, "to_dict") else self.server_args.to_dict()
+        args = self.server_args.to_dict()
         args.update(model_path=self.model_path, tokenizer_path=self.tokenizer_path,
                     max_running_requests=self.max_running_requests,
                     chunked_prefill_size=self.server_args.chunked_prefill_size or self.chunked_prefill_size,

@@ -32,6 +32,7 @@ from kernels.attention import (
     tpu,
     tuning,
 )
+from tests.conftest import tpu_abstract_mesh
 
 TOLERANCE = {jnp.float32: 2e-4, jnp.bfloat16: 4e-2}
 
@@ -399,18 +400,6 @@ def test_schedule_covers_every_token_once(rng):
         first = cu[seq[w]] + block[w] * q_tokens
         covered.extend(range(first, min(first + q_tokens, cu[seq[w] + 1])))
     assert covered == list(range(int(cu[num_seqs])))
-
-
-def tpu_abstract_mesh():
-    """Mosaic's lowering asks the device kind: name a TPU v5e (there is none here). This goes through
-    private jax API (0.10); a jax that moved it skips the TPU half of the lowering tests."""
-    try:
-        from jax._src import mesh as mesh_lib
-
-        device = mesh_lib.AbstractDevice("TPU v5 lite", 1, "tpu")
-        return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device))
-    except (ImportError, AttributeError, TypeError) as exc:
-        pytest.skip(f"cannot name an abstract TPU device in this jax: {exc}")
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])

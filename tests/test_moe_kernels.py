@@ -28,6 +28,7 @@ from kernels.moe import (
     sort_by_expert,
     tpu,
 )
+from tests.conftest import tpu_abstract_mesh
 
 TOLERANCE = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}  # relative to the largest output magnitude
 
@@ -178,18 +179,6 @@ def test_backend_resolution_and_validation():
                 (lhs, rhs, jnp.zeros((2,), jnp.float32))):
         with pytest.raises(GroupedMatmulInputError):
             grouped_matmul(*bad, backend="reference")
-
-
-def tpu_abstract_mesh():
-    """Mosaic's lowering asks the device kind: name a TPU v5e (there is none here). This goes through
-    private jax API (0.10); a jax that moved it skips the TPU half of the lowering tests."""
-    try:
-        from jax._src import mesh as mesh_lib
-
-        device = mesh_lib.AbstractDevice("TPU v5 lite", 1, "tpu")
-        return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device))
-    except (ImportError, AttributeError, TypeError) as exc:
-        pytest.skip(f"cannot name an abstract TPU device in this jax: {exc}")
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])

@@ -39,14 +39,7 @@ MESSAGES = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """On a busy 2-core machine two torch threads stall on each other: greedy generation measured
-    1.6-3.7 s with one thread and 19-22 s with two."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")

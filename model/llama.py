@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels.attention import ragged_paged_attention
+from kernels.attention import ragged_paged_attention, resolve_backend
+from kernels.attention.reference import attend, interleave_kv, token_layout
 from model.config import ModelConfig
 from model.layers import Dense, GatedMLP, RMSNorm, apply_rope, rope_inverse_frequencies
 
@@ -25,6 +26,16 @@ class AttentionMetadata(NamedTuple):
     page_indices: jax.Array  # int32[S, pages_per_seq]
     cu_q_lens: jax.Array  # int32[S + 1]
     num_seqs: jax.Array  # int32[1]
+
+
+class KVWrite(NamedTuple):
+    """The step's K/V, not yet in the cache: `write_kv_layers(kv_pages, *kv_write)` puts it there."""
+
+    new_kv: jax.Array  # [layers, T, 2 * kv_heads, head_dim]
+    page_indices: jax.Array
+    seq: jax.Array
+    pos: jax.Array
+    valid: jax.Array
 
 
 class Attention(nnx.Module):
@@ -42,7 +53,9 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
         self.config = config
 
-    def __call__(self, x, positions, kv_pages, layer, meta: AttentionMetadata, rope, backend: str):
+    def __call__(self, x, positions, kv_pages, layer, meta: AttentionMetadata, rope, backend: str, layout=None):
+        """Returns `(out, kv_pages)`, or with `layout` (the deferred-write path, see
+        `LlamaForCausalLM.hidden_states`) `(out, new_kv)` with the cache untouched."""
         cfg = self.config
         num_tokens = x.shape[0]
         q = self.q_proj(x).reshape(num_tokens, cfg.num_heads, cfg.head_dim)
@@ -53,10 +66,11 @@ class Attention(nnx.Module):
         inv_freq, attention_factor = rope
         q = apply_rope(q, positions, inv_freq, attention_factor)
         k = apply_rope(k, positions, inv_freq, attention_factor)
-        out, kv_pages = ragged_paged_attention(
-            q, k, v, kv_pages, layer, *meta,
-            sm_scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window, backend=backend,
-        )
+        options = dict(sm_scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window)
+        if layout is not None:
+            out = attend(q, k, v, kv_pages, layer, *meta, layout=layout, **options)
+            return self.o_proj(out.reshape(num_tokens, -1)), interleave_kv(k, v)
+        out, kv_pages = ragged_paged_attention(q, k, v, kv_pages, layer, *meta, backend=backend, **options)
         return self.o_proj(out.reshape(num_tokens, -1)), kv_pages
 
 
@@ -67,11 +81,11 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, positions, kv_pages, layer, meta, rope, backend):
-        h, kv_pages = self.self_attn(self.input_layernorm(x), positions, kv_pages, layer, meta, rope, backend)
+    def __call__(self, x, positions, kv_pages, layer, meta, rope, backend, layout=None):
+        h, kv = self.self_attn(self.input_layernorm(x), positions, kv_pages, layer, meta, rope, backend, layout)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, kv_pages
+        return x, kv
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -98,28 +112,66 @@ class LlamaForCausalLM(nnx.Module):
             else Dense(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, rngs=rngs)
         )
 
-    def __call__(self, input_ids, positions, kv_pages, meta: AttentionMetadata, logits_indices, layers=None):
+    def __call__(self, input_ids, positions, kv_pages, meta: AttentionMetadata, logits_indices, layers=None,
+                 deferred_kv: bool = False):
         """Returns float32 logits `[S, vocab]` for the rows `logits_indices`, and the updated cache.
 
         `layers`: optional list of per-layer modules with their own (unstacked) params, run as an
         unrolled loop instead of the scan over `self.layers` (see `hidden_states`).
+        `deferred_kv`: the jnp-attention serving path (see `hidden_states`): `kv_pages` is head-major and
+        only read, and a `KVWrite` comes back instead of the updated cache.
         """
-        x, kv_pages = self.hidden_states(input_ids, positions, kv_pages, meta, layers)
-        return self.logits(x[logits_indices]), kv_pages
+        x, kv = self.hidden_states(input_ids, positions, kv_pages, meta, layers, deferred_kv)
+        return self.logits(x[logits_indices]), kv
 
-    def hidden_states(self, input_ids, positions, kv_pages, meta: AttentionMetadata, layers=None):
+    def uses_kernel_attention(self, kv_dtype, page_size: int) -> bool:
+        """Whether the attention backend resolves to a Pallas kernel (which writes the cache per layer)."""
+        cfg = self.config
+        impl, _ = resolve_backend(self.attention_backend, head_dim=cfg.head_dim, page_size=page_size,
+                                  num_kv_heads=cfg.num_kv_heads, dtype=kv_dtype)
+        return impl != "reference"
+
+    def hidden_states(self, input_ids, positions, kv_pages, meta: AttentionMetadata, layers=None,
+                      deferred_kv: bool = False):
         """Scan over the stacked layers (compile time independent of depth), or, given `layers`, an
         unrolled loop: XLA:CPU copies each layer's weights out of a stacked array before using them
-        (measured 3.4x slower weight reads at batch 1), so the CPU path keeps one array per layer."""
+        (measured 3.4x slower weight reads at batch 1), so the CPU path keeps one array per layer.
+
+        Without `deferred_kv` every layer writes its K/V through `ragged_paged_attention` (token-major
+        cache; the Pallas kernels do it in place). With it (the runner's choice for the jnp attention)
+        the cache is head-major and only read (`attend`), and every layer's new K/V comes back as a
+        `KVWrite` for a separate jit that donates the cache: with reads and writes in one jit XLA:CPU
+        copied the whole cache, per layer or per step, so a step grew with the pool size."""
         cfg = self.config
         x = self.embed_tokens[...][input_ids]
         rope = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         backend = self.attention_backend
+        layout = None
+        if deferred_kv:
+            # Materialized once: fused into every layer's masks, the sequence lookup was recomputed per element.
+            layout = jax.lax.optimization_barrier(
+                token_layout(meta.kv_lens, meta.cu_q_lens, meta.num_seqs, x.shape[0]))
         if layers is not None:
+            new_kv = []
             for index, layer in enumerate(layers):
-                x, kv_pages = layer(x, positions, kv_pages, jnp.int32(index), meta, rope, backend)
+                x, kv = layer(x, positions, kv_pages, jnp.int32(index), meta, rope, backend, layout)
+                if deferred_kv:
+                    new_kv.append(kv)
+                else:
+                    kv_pages = kv
+            if deferred_kv:
+                return self.norm(x), KVWrite(jnp.stack(new_kv), meta.page_indices, *layout)
             return self.norm(x), kv_pages
         graphdef, layer_state = nnx.split(self.layers)
+        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+
+        if deferred_kv:
+            def read_only_body(h, xs):
+                state, layer_index = xs
+                return nnx.merge(graphdef, state)(h, positions, kv_pages, layer_index, meta, rope, backend, layout)
+
+            x, new_kv = jax.lax.scan(read_only_body, x, (layer_state, layer_ids))
+            return self.norm(x), KVWrite(new_kv, meta.page_indices, *layout)
 
         def body(carry, xs):
             h, pages = carry
@@ -127,7 +179,6 @@ class LlamaForCausalLM(nnx.Module):
             h, pages = nnx.merge(graphdef, state)(h, positions, pages, layer_index, meta, rope, backend)
             return (h, pages), None
 
-        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
         (x, kv_pages), _ = jax.lax.scan(body, (x, kv_pages), (layer_state, layer_ids))
         return self.norm(x), kv_pages
 

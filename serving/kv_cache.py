@@ -1,7 +1,9 @@
 """The device side of the paged KV cache: its shape, its size in pages, and its allocation.
 
-The cache is one array `[layers, pages, page_size, 2 * kv_heads, head_dim]` (K and V interleaved per
-head, see docs/architecture.md), owned by the runner and passed through every step as a donated value.
+The cache is one array, K and V interleaved per head (see docs/architecture.md): token-major
+`[layers, pages, page_size, 2 * kv_heads, head_dim]` for the Pallas kernels, head-major
+`[layers, pages, 2 * kv_heads, page_size, head_dim]` for the jnp attention (the CPU path). The runner owns
+it and passes it through every step as a donated value.
 Which pages belong to whom is host state (`prefix_cache.py`).
 """
 
@@ -25,9 +27,12 @@ class KVCacheSpec:
     num_kv_heads: int
     head_dim: int
     dtype: jnp.dtype
+    head_major: bool = False
 
     @property
     def shape(self) -> tuple[int, ...]:
+        if self.head_major:
+            return (self.num_layers, self.num_pages, 2 * self.num_kv_heads, self.page_size, self.head_dim)
         return (self.num_layers, self.num_pages, self.page_size, 2 * self.num_kv_heads, self.head_dim)
 
     @property
@@ -61,6 +66,7 @@ def plan_kv_cache(
     mem_fraction_static: float | None,
     max_running_requests: int,
     context_length: int,
+    head_major: bool = False,
 ) -> KVCacheSpec:
     """Size the pool: `--max-total-tokens` if given, else what `--mem-fraction-static` of memory leaves
     after the weights, capped at what the running requests could ever use (no point zeroing more)."""
@@ -76,7 +82,8 @@ def plan_kv_cache(
             )
         max_total_tokens = min(budget // spec.bytes_per_token, max_running_requests * context_length)
     num_pages = max(int(max_total_tokens) // page_size, 2)
-    return KVCacheSpec(config.num_layers, num_pages, page_size, config.num_kv_heads, config.head_dim, spec.dtype)
+    return KVCacheSpec(config.num_layers, num_pages, page_size, config.num_kv_heads, config.head_dim, spec.dtype,
+                       head_major)
 
 
 def allocate_kv_pages(spec: KVCacheSpec) -> jax.Array:

@@ -21,8 +21,9 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from checkpoints.safetensors import load_params
+from kernels.attention.reference import write_kv_layers
 from model.config import ModelConfig
-from model.llama import AttentionMetadata
+from model.llama import AttentionMetadata, KVWrite
 from model.registry import model_class_for
 from serving.kv_cache import KVCacheSpec, allocate_kv_pages, params_bytes, plan_kv_cache
 from serving.sampler import SamplingBatch, sample
@@ -66,7 +67,7 @@ class HostBatch:
     sampling: dict[str, np.ndarray]  # SamplingBatch fields, [num_seqs]
 
 
-def _step(graphdef, layer_graphdef, abstract_layers, params, kv_pages, batch: StepBatch):
+def _step(graphdef, layer_graphdef, abstract_layers, deferred_kv, params, kv_pages, batch: StepBatch):
     rest, layers = params
     if isinstance(layers, list):  # one state per layer: the unrolled loop
         model = nnx.merge(graphdef, abstract_layers, rest)
@@ -74,9 +75,13 @@ def _step(graphdef, layer_graphdef, abstract_layers, params, kv_pages, batch: St
     else:
         model = nnx.merge(graphdef, layers, rest)
         layer_modules = None
-    logits, kv_pages = model(batch.input_ids, batch.positions, kv_pages, batch.meta, batch.logits_indices,
-                             layer_modules)
-    return sample(logits, batch.sampling), kv_pages
+    logits, kv = model(batch.input_ids, batch.positions, kv_pages, batch.meta, batch.logits_indices,
+                       layer_modules, deferred_kv)
+    return sample(logits, batch.sampling), kv
+
+
+def _write_kv(kv_pages, kv_write: KVWrite):
+    return write_kv_layers(kv_pages, *kv_write)
 
 
 class ModelRunner:
@@ -103,16 +108,22 @@ class ModelRunner:
 
         self.max_seqs = next_pow2(max_running_requests)
         self.max_tokens = next_pow2(max(max_step_tokens, self.max_seqs))
+        # With the jnp attention the step only reads the (head-major) cache and a second jit, donating
+        # it, writes the step's K/V: one jit doing both made XLA:CPU copy the whole cache every step.
+        # The Pallas kernels write their token-major cache in place inside the step.
+        self.deferred_kv = not abstract.uses_kernel_attention(self.dtype, page_size)
         self.kv_spec: KVCacheSpec = plan_kv_cache(
             self.config, page_size=page_size, dtype=self.dtype, weight_bytes=self.weight_bytes,
             max_total_tokens=max_total_tokens, mem_fraction_static=mem_fraction_static,
             max_running_requests=max_running_requests, context_length=self.context_length,
+            head_major=self.deferred_kv,
         )
         self.page_size = page_size
         self.pages_per_seq = -(-self.context_length // page_size)
         self.kv_pages = allocate_kv_pages(self.kv_spec)
-        self._step = jax.jit(partial(_step, self.graphdef, self._layer_graphdef, abstract_layers),
-                             donate_argnums=(1,))
+        step = partial(_step, self.graphdef, self._layer_graphdef, abstract_layers, self.deferred_kv)
+        self._step = jax.jit(step) if self.deferred_kv else jax.jit(step, donate_argnums=(1,))
+        self._write_kv = jax.jit(_write_kv, donate_argnums=(0,))
         logger.info(
             "Model %s loaded: %s, %.1f MB of weights; KV cache %d pages x %d tokens (%.1f MB)",
             self.config.architecture, jnp.dtype(self.dtype).name, self.weight_bytes / 1e6,
@@ -181,8 +192,13 @@ class ModelRunner:
     def run(self, host: HostBatch) -> np.ndarray:
         """Run one step; returns the sampled token of each sequence (`int32[num_seqs]`)."""
         batch = jax.device_put(self._pad(host, *self.bucket(len(host.input_ids), len(host.kv_lens))))
-        tokens, self.kv_pages = self._step(self.params, self.kv_pages, batch)
+        tokens = self._run(batch)
         return np.asarray(tokens)[: len(host.kv_lens)]
+
+    def _run(self, batch: StepBatch) -> jax.Array:
+        tokens, kv = self._step(self.params, self.kv_pages, batch)
+        self.kv_pages = self._write_kv(self.kv_pages, kv) if self.deferred_kv else kv
+        return tokens
 
     def precompile(self, progress: bool = True) -> float:
         """Compile (and run once, on an all-padding batch that writes nothing) every bucket."""
@@ -191,8 +207,7 @@ class ModelRunner:
                           np.zeros(0, np.int32), {})
         for tokens, seqs in tqdm(self.buckets(), desc="Compiling step buckets", disable=not progress):
             batch = jax.device_put(self._pad(empty, tokens, seqs))
-            tokens_out, self.kv_pages = self._step(self.params, self.kv_pages, batch)
-            tokens_out.block_until_ready()
+            self._run(batch).block_until_ready()
         return time.perf_counter() - start
 
     def reset_kv_cache(self) -> None:

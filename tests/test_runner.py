@@ -1,0 +1,46 @@
+"""The runner's compiled step on the jnp-attention path: the cache is only read inside the step and
+written in place by the separate write jit (a copy of the cache made every step grow with the pool)."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import numpy as np
+
+from serving.runner import HostBatch, ModelRunner
+
+
+def _cache_shaped_results(hlo: str, shape: tuple[int, ...]) -> list[str]:
+    """Instructions (other than parameters) that produce an array of the cache's shape."""
+    pattern = re.compile(r"= f32\[" + ",".join(map(str, shape)) + r"\]\S* (\S+)\(")
+    return [line.strip() for line in hlo.splitlines()
+            if (m := pattern.search(line)) and m.group(1) != "parameter"]
+
+
+def test_step_reads_the_cache_and_the_write_is_in_place(tiny_llama_dir):
+    runner = ModelRunner(tiny_llama_dir, dtype="float32", page_size=4, attention_backend="reference",
+                         max_running_requests=4, max_step_tokens=16, context_length=64, max_total_tokens=256,
+                         mem_fraction_static=None)
+    assert runner.deferred_kv and runner.kv_spec.head_major
+    shape = runner.kv_spec.shape
+    assert runner.kv_pages.shape == shape
+    host = HostBatch(np.arange(1, 8, dtype=np.int32), np.array([0, 1, 2, 3, 4, 0, 1], np.int32),
+                     np.array([5, 2], np.int32), [[0, 1], [2]], np.array([5, 2], np.int32), {})
+    for tokens, seqs in runner.buckets():
+        batch = jax.device_put(runner._pad(host if tokens >= 8 else HostBatch(
+            host.input_ids[:0], host.positions[:0], host.kv_lens[:0], [], host.q_lens[:0], {}), tokens, seqs))
+        step = runner._step.lower(runner.params, runner.kv_pages, batch).compile()
+        assert _cache_shaped_results(step.as_text(), shape) == [], f"bucket {tokens}: the step writes the cache"
+        _, kv_write = runner._step(runner.params, runner.kv_pages, batch)
+        write = runner._write_kv.lower(runner.kv_pages, kv_write).compile().as_text()
+        assert "input_output_alias" in write
+        assert not [line for line in _cache_shaped_results(write, shape) if " copy(" in line]
+    # And the write lands where the attention reads it: two steps of one sequence.
+    runner.reset_kv_cache()
+    first = runner.run(HostBatch(np.array([3, 4, 5], np.int32), np.array([0, 1, 2], np.int32),
+                                 np.array([3], np.int32), [[1]], np.array([3], np.int32), {}))
+    cache = np.asarray(runner.kv_pages)
+    assert np.abs(cache[:, 1, :, :3]).sum(axis=(0, 1, 3)).all()  # page 1, slots 0-2 written in every layer
+    assert not cache[:, 1, :, 3].any() and not cache[:, 0].any()
+    assert first.shape == (1,)

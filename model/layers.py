@@ -26,6 +26,26 @@ class Dense(nnx.Module):
         return y
 
 
+class FusedDense(nnx.Module):
+    """Several `Dense` layers that read the same input, as one `[in, sum(out)]` matmul; returns the parts.
+
+    The CPU path fuses q/k/v and gate/up this way: XLA:CPU runs one larger matrix-vector product at a
+    better rate than three small ones (a batch-1 step of the default model: 32 -> 26.5 ms of matvecs)."""
+
+    def __init__(self, parts: list[Dense]):
+        self.kernel = nnx.Param(jnp.concatenate([p.kernel[...] for p in parts], axis=1))
+        biases = [p.bias for p in parts]
+        self.bias = None if biases[0] is None else nnx.Param(jnp.concatenate([b[...] for b in biases]))
+        self.sizes = tuple(int(p.kernel.shape[1]) for p in parts)
+
+    def __call__(self, x):
+        y = x @ self.kernel[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        ends = [sum(self.sizes[: i + 1]) for i in range(len(self.sizes))]
+        return [y[..., end - size : end] for end, size in zip(ends, self.sizes, strict=True)]
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, *, eps: float, dtype):
         self.weight = nnx.Param(jnp.ones((dim,), dtype))
@@ -45,9 +65,19 @@ class GatedMLP(nnx.Module):
         self.gate_proj = Dense(hidden, intermediate, bias=False, dtype=dtype, rngs=rngs)
         self.up_proj = Dense(hidden, intermediate, bias=False, dtype=dtype, rngs=rngs)
         self.down_proj = Dense(intermediate, hidden, bias=False, dtype=dtype, rngs=rngs)
+        self.gate_up_proj = None
+
+    def fuse_projections(self) -> None:
+        """Replace gate and up by one `FusedDense` (same values; see `FusedDense`)."""
+        self.gate_up_proj = nnx.data(FusedDense([self.gate_proj, self.up_proj]))
+        self.gate_proj = self.up_proj = None
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(jax.nn.silu(gate) * up)
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None):

@@ -16,7 +16,7 @@ from flax import nnx
 from kernels.attention import ragged_paged_attention, resolve_backend
 from kernels.attention.reference import attend, interleave_kv, token_layout
 from model.config import ModelConfig
-from model.layers import Dense, GatedMLP, RMSNorm, apply_rope, rope_inverse_frequencies
+from model.layers import Dense, FusedDense, GatedMLP, RMSNorm, apply_rope, rope_inverse_frequencies
 
 
 class AttentionMetadata(NamedTuple):
@@ -46,6 +46,7 @@ class Attention(nnx.Module):
         self.k_proj = Dense(hidden, config.num_kv_heads * head_dim, bias=bias, dtype=dtype, rngs=rngs)
         self.v_proj = Dense(hidden, config.num_kv_heads * head_dim, bias=bias, dtype=dtype, rngs=rngs)
         self.o_proj = Dense(config.num_heads * head_dim, hidden, bias=False, dtype=dtype, rngs=rngs)
+        self.qkv_proj = None
         if config.qk_norm:
             self.q_norm = RMSNorm(head_dim, eps=config.rms_norm_eps, dtype=dtype)
             self.k_norm = RMSNorm(head_dim, eps=config.rms_norm_eps, dtype=dtype)
@@ -53,14 +54,23 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
         self.config = config
 
+    def fuse_projections(self) -> None:
+        """Replace q, k and v by one `FusedDense` (same values; see `FusedDense`)."""
+        self.qkv_proj = nnx.data(FusedDense([self.q_proj, self.k_proj, self.v_proj]))
+        self.q_proj = self.k_proj = self.v_proj = None
+
     def __call__(self, x, positions, kv_pages, layer, meta: AttentionMetadata, rope, backend: str, layout=None):
         """Returns `(out, kv_pages)`, or with `layout` (the deferred-write path, see
         `LlamaForCausalLM.hidden_states`) `(out, new_kv)` with the cache untouched."""
         cfg = self.config
         num_tokens = x.shape[0]
-        q = self.q_proj(x).reshape(num_tokens, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(x).reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(x).reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(num_tokens, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq, attention_factor = rope
@@ -68,7 +78,7 @@ class Attention(nnx.Module):
         k = apply_rope(k, positions, inv_freq, attention_factor)
         options = dict(sm_scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window)
         if layout is not None:
-            out = attend(q, k, v, kv_pages, layer, *meta, layout=layout, **options)
+            out = attend(q, k, v, kv_pages, layer, *meta, layout=layout, cache_is_finite=True, **options)
             return self.o_proj(out.reshape(num_tokens, -1)), interleave_kv(k, v)
         out, kv_pages = ragged_paged_attention(q, k, v, kv_pages, layer, *meta, backend=backend, **options)
         return self.o_proj(out.reshape(num_tokens, -1)), kv_pages
@@ -80,6 +90,10 @@ class DecoderLayer(nnx.Module):
         self.self_attn = Attention(config, dtype=dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, dtype=dtype, rngs=rngs)
+
+    def fuse_projections(self) -> None:
+        self.self_attn.fuse_projections()
+        self.mlp.fuse_projections()
 
     def __call__(self, x, positions, kv_pages, layer, meta, rope, backend, layout=None):
         h, kv = self.self_attn(self.input_layernorm(x), positions, kv_pages, layer, meta, rope, backend, layout)

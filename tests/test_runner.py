@@ -30,9 +30,9 @@ def test_step_reads_the_cache_and_the_write_is_in_place(tiny_llama_dir):
     for tokens, seqs in runner.buckets():
         batch = jax.device_put(runner._pad(host if tokens >= 8 else HostBatch(
             host.input_ids[:0], host.positions[:0], host.kv_lens[:0], [], host.q_lens[:0], {}), tokens, seqs))
-        step = runner._step.lower(runner.params, runner.kv_pages, batch).compile()
+        step = runner._step.lower(runner._param_leaves, runner.kv_pages, batch).compile()
         assert _cache_shaped_results(step.as_text(), shape) == [], f"bucket {tokens}: the step writes the cache"
-        _, kv_write = runner._step(runner.params, runner.kv_pages, batch)
+        _, kv_write = runner._step(runner._param_leaves, runner.kv_pages, batch)
         write = runner._write_kv.lower(runner.kv_pages, kv_write).compile().as_text()
         assert "input_output_alias" in write
         assert not [line for line in _cache_shaped_results(write, shape) if " copy(" in line]
@@ -44,3 +44,19 @@ def test_step_reads_the_cache_and_the_write_is_in_place(tiny_llama_dir):
     assert np.abs(cache[:, 1, :, :3]).sum(axis=(0, 1, 3)).all()  # page 1, slots 0-2 written in every layer
     assert not cache[:, 1, :, 3].any() and not cache[:, 0].any()
     assert first.shape == (1,)
+
+
+def test_the_serving_cache_only_receives_finite_values():
+    """`attend(cache_is_finite=True)` skips masking stale slots, so a request whose activations overflow
+    must not leave NaN / inf in pages that another request gets next."""
+    import jax.numpy as jnp
+
+    from kernels.attention.reference import write_kv_layers
+
+    cache = jnp.zeros((2, 3, 4, 2, 8))  # [layers, pages, 2 * kv_heads, page_size, head_dim]
+    new = jnp.full((2, 2, 4, 8), jnp.nan).at[:, 1].set(jnp.inf)  # [layers, tokens, 2 * kv_heads, head_dim]
+    out = write_kv_layers(cache, new, jnp.array([[1, 2]]), jnp.array([0, 0]), jnp.array([0, 1]),
+                          jnp.array([True, True]))
+    assert bool(jnp.isfinite(out).all())
+    assert float(out[:, 1, :, 1].min()) > 1e30 and not out[:, 1, :, 0].any()  # inf clipped, NaN -> 0
+    assert not out[:, 0].any() and not out[:, 2].any()

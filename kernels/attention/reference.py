@@ -68,8 +68,11 @@ def write_kv_layers(kv_pages, kv_new, page_indices, seq, pos, valid):
     rows = jnp.where(valid[None, :], layer_rows + page[None, :], num_layers * num_pages)  # [L, T]
     heads = jnp.arange(two_heads, dtype=jnp.int32)
     flat = kv_pages.reshape(num_layers * num_pages, two_heads, page_size, head_dim)
+    # Only finite values go in, so readers may skip masking stale slots (`attend(cache_is_finite=True)`):
+    # a request whose activations overflowed must not poison the pages the next one gets.
+    kv_new = jnp.nan_to_num(kv_new.astype(kv_pages.dtype))
     flat = flat.at[rows[:, :, None], heads[None, None, :], (pos % page_size)[None, :, None]].set(
-        kv_new.astype(kv_pages.dtype), mode="drop")
+        kv_new, mode="drop")
     return flat.reshape(kv_pages.shape)
 
 
@@ -98,7 +101,8 @@ def _online_softmax_step(carry, s, mask, vb):
 
 
 def attend(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale: float,
-           sliding_window: int | None = None, soft_cap: float | None = None, layout=None):
+           sliding_window: int | None = None, soft_cap: float | None = None, layout=None,
+           cache_is_finite: bool = False):
     """Causal attention of the new tokens, reading the cache only for each sequence's earlier context.
 
     `kv_pages` is head-major, `[layers, pages, 2 * kv_heads, page_size, head_dim]` (K of head h at row
@@ -108,7 +112,9 @@ def attend(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
     the step's own tokens are attended from `k` / `v` directly (a `[T, T]` block masked to the same
     sequence and causal order). The cache is not written, so XLA never has to copy it: writing it inside
     the layer loop made XLA:CPU copy the whole cache once per layer (step time grew with the pool size).
-    `layout`: `token_layout(...)` if the caller already has it.
+    `layout`: `token_layout(...)` if the caller already has it. `cache_is_finite`: the caller promises
+    no NaN / inf anywhere in the cache (the serving path: it starts at zeros and `write_kv_layers`
+    writes finite values only), so slots past a sequence's length need no zeroing before `p @ v`.
     """
     num_tokens, num_q_heads, head_dim = q.shape
     _, num_pages, two_heads, page_size, _ = kv_pages.shape
@@ -149,8 +155,9 @@ def attend(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
             mask = in_seq
             if sliding_window is not None:
                 mask &= kv_pos[None, :] > r_pos[:, None] - sliding_window
-            # Slots past a sequence's length may hold anything (even NaN): zero them, as 0 * NaN is NaN.
-            vb = jnp.where(in_seq[:, None, :, None], vb, 0.0)
+            if not cache_is_finite:
+                # Slots past a sequence's length may hold anything (even NaN): zero them, as 0 * NaN is NaN.
+                vb = jnp.where(in_seq[:, None, :, None], vb, 0.0)
             # Keys as the left operand (M = block_tokens, not the 1-8 query heads of a group): 2.5x faster
             # on XLA:CPU. The barrier keeps XLA from folding the transpose back into a `q @ k.T` dot.
             s = jax.lax.optimization_barrier(jnp.einsum("thkd,thgd->thkg", kb, r_q)).transpose(0, 1, 3, 2)

@@ -204,7 +204,10 @@ def attend(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
         m, denom, acc = new_carry
         s = jnp.where(mask, s, _NEG)
         m_new = jnp.maximum(m, s.max(axis=-1))
-        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+        # No second mask: a masked score is -1e30, so exp gives 0 once the row has met a real key. A row
+        # whose keys are all masked in this block (its own token comes in a later one) sums finite junk
+        # that the later block's correction exp(-1e30 - max) = 0 erases; every valid row meets itself.
+        p = jnp.exp(s - m_new[..., None])
         correction = jnp.exp(m - m_new)
         new_carry = (m_new, denom * correction + p.sum(axis=-1),
                      acc * correction[..., None] + jnp.einsum("hgtk,hkd->hgtd", p, v_new[:, keys]))

@@ -1,0 +1,104 @@
+"""Time one runner step on a fixed batch, and optionally where XLA:CPU spends it (not a test).
+
+    python benchmarks/step_profile.py decode --seqs 1 --context 250       # single-stream decode step
+    python benchmarks/step_profile.py decode --seqs 64 --context 200      # batch-64 decode step
+    python benchmarks/step_profile.py mixed --tokens 512 --context 200 --profile
+
+`decode`: `--seqs` sequences, one new token each, `--context` tokens of KV. `prefill`: `--tokens` split
+over 4 fresh prompts. `mixed`: 60 decodes plus 4 fresh prompts filling `--tokens` (what the scheduler
+builds while requests arrive). The step runs on the bundled default model through `ModelRunner.run`
+(padding, dispatch, the KV write, the host copy of the tokens), `--repeats` times; the table gives the
+median and the minimum (this shared 2-core machine varies by +-15%). `--profile` adds XLA's own trace of
+the step, summed per HLO op kind (thread-summed: two worker threads can both count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from checkpoints.default import default_model_dir  # noqa: E402
+from serving.runner import HostBatch, ModelRunner  # noqa: E402
+
+
+def build_batch(mode: str, seqs: int, tokens: int, context: int) -> HostBatch:
+    if mode == "decode":
+        q_lens, kv_lens = [1] * seqs, [context] * seqs
+    else:
+        decodes = 60 if mode == "mixed" else 0
+        chunk = (tokens - decodes) // 4
+        q_lens = [1] * decodes + [chunk] * 3 + [tokens - decodes - 3 * chunk]
+        kv_lens = [context] * decodes + q_lens[decodes:]
+    positions = np.concatenate([np.arange(k - q, k) for k, q in zip(kv_lens, q_lens, strict=True)])
+    pages_each = -(-max(kv_lens) // 16)
+    pages = [list(range(i * pages_each, (i + 1) * pages_each)) for i in range(len(q_lens))]
+    return HostBatch(np.full(len(positions), 5, np.int32), positions.astype(np.int32),
+                     np.array(kv_lens, np.int32), pages, np.array(q_lens, np.int32), {})
+
+
+def profile(runner: ModelRunner, batch: HostBatch, top: int) -> None:
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        for _ in range(3):
+            runner.run(batch)
+        jax.profiler.stop_trace()
+        path = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1]
+        data = jax.profiler.ProfileData.from_file(path)
+    padded = runner._pad(batch, *runner.bucket(len(batch.input_ids), len(batch.kv_lens)))
+    hlo = runner._step.lower(runner._param_leaves, runner.kv_pages, padded).compile().as_text()
+    op_of = {m.group(1): m.group(2) for m in re.finditer(r"%(\S+) = .*?op_name=\"([^\"]+)\"", hlo)}
+    totals: collections.Counter = collections.Counter()
+    for plane in data.planes:
+        for line in plane.lines:
+            for event in line.events:
+                if event.name in op_of:
+                    parts = op_of[event.name].split("/")
+                    kind = ("in loop: " if "while" in parts[:-1] else "") + parts[-1]
+                    totals[re.sub(r"\.\d+$", "", kind)] += event.duration_ns
+    print("\n| HLO op kind (thread-summed) | ms per step |\n|---|---|")
+    for kind, ns in totals.most_common(top):
+        print(f"| {kind} | {ns / 3 / 1e6:.1f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=("decode", "prefill", "mixed"))
+    parser.add_argument("--seqs", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--context", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--top", type=int, default=15)
+    args = parser.parse_args()
+
+    batch = build_batch(args.mode, args.seqs, args.tokens, args.context)
+    runner = ModelRunner(default_model_dir(), dtype="float32", page_size=16, attention_backend="reference",
+                         max_running_requests=64, max_step_tokens=512, context_length=8192,
+                         max_total_tokens=96 * 512, mem_fraction_static=None)
+    runner.run(batch)
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        runner.run(batch)
+        times.append(time.perf_counter() - start)
+    tokens, seqs = len(batch.input_ids), len(batch.kv_lens)
+    print(f"| mode | tokens | sequences | context | median ms | min ms |\n|---|---|---|---|---|---|\n"
+          f"| {args.mode} | {tokens} | {seqs} | {args.context} | {np.median(times) * 1e3:.1f} | "
+          f"{min(times) * 1e3:.1f} |")
+    if args.profile:
+        profile(runner, batch, args.top)
+
+
+if __name__ == "__main__":
+    main()

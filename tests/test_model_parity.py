@@ -11,6 +11,7 @@ import transformers
 from flax import nnx
 
 from checkpoints.safetensors import load_params
+from kernels.attention.reference import write_kv_layers
 from model.config import ModelConfig
 from model.llama import AttentionMetadata
 from model.registry import model_class_for
@@ -55,7 +56,14 @@ def test_ragged_batch_logits_match_transformers(checkpoint):
     positions[: cu[-1]] = np.concatenate([np.arange(n) for n in lens])
     page_table = rng.permutation(64)[: 4 * pages_per_seq].reshape(4, pages_per_seq).astype(np.int32)
     meta = AttentionMetadata(jnp.array(lens), jnp.array(page_table), jnp.array(cu), jnp.array([4], jnp.int32))
-    logits, _ = model(jnp.array(ids), jnp.array(positions), kv_pages, meta, jnp.array(cu[1:] - 1))
+    logits, written = model(jnp.array(ids), jnp.array(positions), kv_pages, meta, jnp.array(cu[1:] - 1))
+    # The jnp serving path through the layer scan: head-major cache, read only, K/V handed back.
+    deferred_logits, kv_write = model(jnp.array(ids), jnp.array(positions), kv_pages.transpose(0, 1, 3, 2, 4),
+                                      meta, jnp.array(cu[1:] - 1), deferred_kv=True)
+    np.testing.assert_allclose(np.asarray(deferred_logits), np.asarray(logits), rtol=1e-5, atol=1e-5)
+    head_major = write_kv_layers(kv_pages.transpose(0, 1, 3, 2, 4), *kv_write)
+    np.testing.assert_allclose(np.asarray(head_major), np.asarray(written.transpose(0, 1, 3, 2, 4)),
+                               rtol=1e-6, atol=1e-6)
     for i, prompt in enumerate(prompts):
         with torch.no_grad():
             expected = hf(torch.tensor([prompt])).logits[0, -1].numpy()

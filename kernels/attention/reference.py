@@ -108,10 +108,11 @@ def attend(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
     `kv_pages` is head-major, `[layers, pages, 2 * kv_heads, page_size, head_dim]` (K of head h at row
     2h, V at 2h + 1): a gathered page of one head is then a contiguous `[page_size, head_dim]` block and
     the score / value products need no transposes (the kernels' token-major layout made XLA:CPU spend
-    more time transposing gathered blocks than multiplying them). The cache holds positions `[0, kv_len - q_len)` of each sequence (the context before this step);
-    the step's own tokens are attended from `k` / `v` directly (a `[T, T]` block masked to the same
-    sequence and causal order). The cache is not written, so XLA never has to copy it: writing it inside
-    the layer loop made XLA:CPU copy the whole cache once per layer (step time grew with the pool size).
+    more time transposing gathered blocks than multiplying them). The cache holds positions
+    `[0, kv_len - q_len)` of each sequence (the context before this step); the step's own tokens are
+    attended from `k` / `v` directly (a `[T, T]` block masked to the same sequence and causal order).
+    The cache is not written, so XLA never has to copy it: writing it inside the layer loop made XLA:CPU
+    copy the whole cache once per layer (step time grew with the pool size).
     `layout`: `token_layout(...)` if the caller already has it. `cache_is_finite`: the caller promises
     no NaN / inf anywhere in the cache (the serving path: it starts at zeros and `write_kv_layers`
     writes finite values only), so slots past a sequence's length need no zeroing before `p @ v`.

@@ -102,7 +102,7 @@ class ModelRunner:
         # on accelerators as a scan over the stacked params.
         self.unroll_layers = jax.default_backend() == "cpu" if unroll_layers is None else unroll_layers
         self.graphdef, abstract_layers, _ = nnx.split(abstract, nnx.PathContains("layers"), ...)
-        self._layer_graphdef = nnx.split(abstract.layers)[0]
+        self._layer_graphdef = None  # the unrolled path's per-layer graphdef, set by `arrange_params`
         self._abstract = abstract
         self.params = self.arrange_params(load_params(abstract, self.model_dir, self.dtype))
         self.weight_bytes = params_bytes(self.params)
@@ -155,8 +155,10 @@ class ModelRunner:
         for i in range(self.config.num_layers):
             layer = nnx.merge(stacked_graphdef, jax.tree.map(lambda x, i=i: x[i], layers["layers"]))
             layer.fuse_projections()
-            self._layer_graphdef, layer_state = nnx.split(layer)
+            graphdef, layer_state = nnx.split(layer)
             per_layer.append(layer_state)
+        # Same for every layer and every load (a weight swap must keep the structure: see `params`).
+        self._layer_graphdef = graphdef
         return rest, per_layer
 
     def read_weights(self, model_dir: Path):

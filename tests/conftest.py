@@ -91,6 +91,13 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"), "llama")
 
 
+def replayable_seed(env_var: str) -> int:
+    """A fresh random seed each run, or `$env_var` to replay one; printed so a failure shows it."""
+    seed = int(os.environ.get(env_var, int.from_bytes(os.urandom(4), "little")))
+    print(f"{env_var}={seed}")
+    return seed
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +31,7 @@ from kernels.attention import (
     tpu,
     tuning,
 )
-from tests.conftest import tpu_abstract_mesh
+from tests.conftest import replayable_seed, tpu_abstract_mesh
 
 TOLERANCE = {jnp.float32: 2e-4, jnp.bfloat16: 4e-2}
 
@@ -50,7 +49,7 @@ class SeededGenerator:
 
 @pytest.fixture
 def rng():
-    return SeededGenerator(int(os.environ.get("KERNEL_TEST_SEED", int.from_bytes(os.urandom(4), "little"))))
+    return SeededGenerator(replayable_seed("KERNEL_TEST_SEED"))
 
 
 @dataclasses.dataclass

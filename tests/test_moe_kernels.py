@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -28,14 +27,14 @@ from kernels.moe import (
     sort_by_expert,
     tpu,
 )
-from tests.conftest import tpu_abstract_mesh
+from tests.conftest import replayable_seed, tpu_abstract_mesh
 
 TOLERANCE = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}  # relative to the largest output magnitude
 
 
 @pytest.fixture
 def seed():
-    return int(os.environ.get("KERNEL_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+    return replayable_seed("KERNEL_TEST_SEED")
 
 
 def random_group_sizes(rng, num_groups: int, num_rows: int) -> np.ndarray:

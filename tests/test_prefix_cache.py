@@ -8,8 +8,6 @@ miscounted counter.
 
 from __future__ import annotations
 
-import os
-import secrets
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,15 +15,14 @@ import pytest
 
 from serving.page_allocator import DoubleFreeError, PageAllocator
 from serving.prefix_cache import PrefixCache, PrefixHandle
+from tests.conftest import replayable_seed
 
 PAGE = 4
 
 
 @pytest.fixture
 def rng() -> np.random.Generator:
-    seed = int(os.environ.get("PREFIX_TEST_SEED", secrets.randbits(32)))
-    print(f"PREFIX_TEST_SEED={seed}")
-    return np.random.default_rng(seed)
+    return np.random.default_rng(replayable_seed("PREFIX_TEST_SEED"))
 
 
 def counters(cache: PrefixCache) -> tuple[int, int, int, int]:

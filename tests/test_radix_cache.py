@@ -6,22 +6,18 @@ RADIX_TEST_SEED=<seed>) and compare the tree against a brute-force model.
 
 from __future__ import annotations
 
-import os
-import secrets
-
 import numpy as np
 import pytest
 
 from serving.radix_cache import RadixCache, RadixNode
+from tests.conftest import replayable_seed
 
 PAGE = 4
 
 
 @pytest.fixture
 def rng() -> np.random.Generator:
-    seed = int(os.environ.get("RADIX_TEST_SEED", secrets.randbits(32)))
-    print(f"RADIX_TEST_SEED={seed}")
-    return np.random.default_rng(seed)
+    return np.random.default_rng(replayable_seed("RADIX_TEST_SEED"))
 
 
 def test_rejects_bad_page_size_and_misaligned_insert() -> None:

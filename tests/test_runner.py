@@ -27,9 +27,10 @@ def test_step_reads_the_cache_and_the_write_is_in_place(tiny_llama_dir):
     assert runner.kv_pages.shape == shape
     host = HostBatch(np.arange(1, 8, dtype=np.int32), np.array([0, 1, 2, 3, 4, 0, 1], np.int32),
                      np.array([5, 2], np.int32), [[0, 1], [2]], np.array([5, 2], np.int32), {})
+    empty = HostBatch(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32), [],
+                      np.zeros(0, np.int32), {})
     for tokens, seqs in runner.buckets():
-        batch = jax.device_put(runner._pad(host if tokens >= 8 else HostBatch(
-            host.input_ids[:0], host.positions[:0], host.kv_lens[:0], [], host.q_lens[:0], {}), tokens, seqs))
+        batch = jax.device_put(runner._pad(host if tokens >= len(host.input_ids) else empty, tokens, seqs))
         step = runner._step.lower(runner._param_leaves, runner.kv_pages, batch).compile()
         assert _cache_shaped_results(step.as_text(), shape) == [], f"bucket {tokens}: the step writes the cache"
         _, kv_write = runner._step(runner._param_leaves, runner.kv_pages, batch)

@@ -88,16 +88,28 @@ def block_pages_for(num_tokens: int, page_size: int, pages_per_seq: int) -> int:
     return max(1, min(pages_per_seq, block_tokens // page_size))
 
 
-def _online_softmax_step(carry, s, mask, vb):
-    """Fold one block of scores `s [T, H, G, K]` (masked by `mask`, broadcastable) and values
-    `vb [T, H, K, D]` into the running `(max, denominator, accumulator)`."""
+def _softmax_init(rows: tuple[int, ...], head_dim: int):
+    """An empty online-softmax state `(max, denominator, accumulator)` for query rows of shape `rows`."""
+    return (jnp.full(rows, _NEG, jnp.float32), jnp.zeros(rows, jnp.float32),
+            jnp.zeros((*rows, head_dim), jnp.float32))
+
+
+def _online_softmax_step(carry, s, mask, pv, *, zero_masked: bool = True):
+    """Fold one block of scores `s [..., K]` (masked by `mask`, broadcastable) into the running
+    `(max, denominator, accumulator)`; `pv(p)` is the block's probabilities times its values.
+
+    `zero_masked=False` skips zeroing masked probabilities: a masked score is -1e30, so its exp is 0 once
+    the row has met a real key, and what a row sums before that (every key masked so far) is finite
+    junk that the next real key's correction `exp(-1e30 - max) = 0` erases. Only for callers whose every
+    valid row meets a real key in some block (the step's own tokens: each row sees itself)."""
     m, denom, acc = carry
     s = jnp.where(mask, s, _NEG)
     m_new = jnp.maximum(m, s.max(axis=-1))
-    p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+    p = jnp.exp(s - m_new[..., None])
+    if zero_masked:
+        p = jnp.where(mask, p, 0.0)
     correction = jnp.exp(m - m_new)
-    denom = denom * correction + p.sum(axis=-1)
-    return m_new, denom, acc * correction[..., None] + jnp.einsum("thgk,thkd->thgd", p, vb)
+    return m_new, denom * correction + p.sum(axis=-1), acc * correction[..., None] + pv(p)
 
 
 def attend(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale: float,
@@ -164,13 +176,10 @@ def attend(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
             s = jax.lax.optimization_barrier(jnp.einsum("thkd,thgd->thkg", kb, r_q)).transpose(0, 1, 3, 2)
             if soft_cap is not None:
                 s = soft_cap * jnp.tanh(s / soft_cap)
-            return _online_softmax_step(carry, s, mask[:, None, None, :], vb)
+            return _online_softmax_step(carry, s, mask[:, None, None, :],
+                                        lambda p: jnp.einsum("thgk,thkd->thgd", p, vb))
 
-        init = (
-            jnp.full((n, num_kv_heads, group), _NEG, jnp.float32),
-            jnp.zeros((n, num_kv_heads, group), jnp.float32),
-            jnp.zeros((n, num_kv_heads, group, head_dim), jnp.float32),
-        )
+        init = _softmax_init((n, num_kv_heads, group), head_dim)
         return jax.lax.fori_loop(0, num_blocks, cache_block, init)
 
     # The scheduler puts decodes (one token each, the longest contexts) first, so the first `S` tokens
@@ -188,11 +197,7 @@ def attend(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
     q_heads = qg.transpose(1, 2, 0, 3)  # [H, G, T, D]
     k_new = k.astype(kv_pages.dtype).astype(jnp.float32).transpose(1, 0, 2)  # [H, T, D]
     v_new = v.astype(kv_pages.dtype).astype(jnp.float32).transpose(1, 0, 2)
-    new_carry = (
-        jnp.full((num_kv_heads, group, num_tokens), _NEG, jnp.float32),
-        jnp.zeros((num_kv_heads, group, num_tokens), jnp.float32),
-        jnp.zeros((num_kv_heads, group, num_tokens, head_dim), jnp.float32),
-    )
+    new_carry = _softmax_init((num_kv_heads, group, num_tokens), head_dim)
     new_block = min(num_tokens, _MAX_NEW_BLOCK)
     for start in range(0, num_tokens, new_block):
         keys = slice(start, start + new_block)
@@ -202,16 +207,9 @@ def attend(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
         s = jnp.einsum("hgtd,hkd->hgtk", q_heads, k_new[:, keys])
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
-        m, denom, acc = new_carry
-        s = jnp.where(mask, s, _NEG)
-        m_new = jnp.maximum(m, s.max(axis=-1))
-        # No second mask: a masked score is -1e30, so exp gives 0 once the row has met a real key. A row
-        # whose keys are all masked in this block (its own token comes in a later one) sums finite junk
-        # that the later block's correction exp(-1e30 - max) = 0 erases; every valid row meets itself.
-        p = jnp.exp(s - m_new[..., None])
-        correction = jnp.exp(m - m_new)
-        new_carry = (m_new, denom * correction + p.sum(axis=-1),
-                     acc * correction[..., None] + jnp.einsum("hgtk,hkd->hgtd", p, v_new[:, keys]))
+        # Every valid row meets itself, so masked probabilities need no second select.
+        new_carry = _online_softmax_step(new_carry, s, mask, lambda p, keys=keys: jnp.einsum(
+            "hgtk,hkd->hgtd", p, v_new[:, keys]), zero_masked=False)
 
     # 3. Merge the two partial softmaxes.
     m_cache, d_cache, acc_cache = carry

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels.attention import cpu as cpu_attention
 from kernels.attention import ragged_paged_attention, resolve_backend
 from kernels.attention.reference import attend, interleave_kv, token_layout
 from model.config import ModelConfig
@@ -78,7 +79,10 @@ class Attention(nnx.Module):
         k = apply_rope(k, positions, inv_freq, attention_factor)
         options = dict(sm_scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window)
         if layout is not None:
-            out = attend(q, k, v, kv_pages, layer, *meta, layout=layout, cache_is_finite=True, **options)
+            impl, _ = resolve_backend(backend, head_dim=cfg.head_dim, page_size=kv_pages.shape[3],
+                                      num_kv_heads=cfg.num_kv_heads, dtype=kv_pages.dtype)
+            read = cpu_attention.attend if impl == "cpu" else attend
+            out = read(q, k, v, kv_pages, layer, *meta, layout=layout, cache_is_finite=True, **options)
             return self.o_proj(out.reshape(num_tokens, -1)), interleave_kv(k, v)
         out, kv_pages = ragged_paged_attention(q, k, v, kv_pages, layer, *meta, backend=backend, **options)
         return self.o_proj(out.reshape(num_tokens, -1)), kv_pages
@@ -139,11 +143,12 @@ class LlamaForCausalLM(nnx.Module):
         return self.logits(x[logits_indices]), kv
 
     def uses_kernel_attention(self, kv_dtype, page_size: int) -> bool:
-        """Whether the attention backend resolves to a Pallas kernel (which writes the cache per layer)."""
+        """Whether the attention backend resolves to a Pallas kernel (which writes the cache per layer);
+        the jnp reference and the native CPU kernel take the read-only path (`deferred_kv`)."""
         cfg = self.config
         impl, _ = resolve_backend(self.attention_backend, head_dim=cfg.head_dim, page_size=page_size,
                                   num_kv_heads=cfg.num_kv_heads, dtype=kv_dtype)
-        return impl != "reference"
+        return impl in ("tpu", "gpu")
 
     def hidden_states(self, input_ids, positions, kv_pages, meta: AttentionMetadata, layers=None,
                       deferred_kv: bool = False):

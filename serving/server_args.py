@@ -28,6 +28,7 @@ DTYPE_CHOICES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 LOG_LEVEL_CHOICES = ("debug", "info", "warning", "error", "critical")
 SCHEDULE_POLICY_CHOICES = ("fcfs", "lpm")
 BACKEND_CHOICES = ("auto", "pallas", "reference")
+ATTENTION_BACKEND_CHOICES = ("auto", "pallas", "cpu", "reference")
 EXPERT_RECORDER_MODE_CHOICES = ("stat", "per_pass", "per_token")
 SAMPLING_DEFAULTS_CHOICES = ("model", "openai")
 
@@ -109,8 +110,10 @@ class ServerArgs:
     allow_auto_truncate: bool = _arg(False, "Truncate over-long prompts instead of answering 400.")
 
     # Kernels and compilation
-    attention_backend: str = _arg("auto", "Attention implementation (auto picks by platform).", type=str,
-                                  choices=BACKEND_CHOICES)
+    attention_backend: str = _arg(
+        "auto", "Attention implementation: auto (the platform's kernel: Pallas on TPU / GPU, the native "
+        "kernel on CPU), pallas, cpu (the native CPU kernel), reference (plain jnp).", type=str,
+        choices=ATTENTION_BACKEND_CHOICES)
     moe_backend: str = _arg("auto", "MoE grouped-matmul implementation (auto picks by platform).", type=str,
                             choices=BACKEND_CHOICES)
     precompile: bool = _arg(True, "Do not compile every shape bucket at startup (compile on first use).",
@@ -138,7 +141,7 @@ class ServerArgs:
         self._check_choice("dtype", DTYPE_CHOICES)
         self._check_choice("log_level", LOG_LEVEL_CHOICES)
         self._check_choice("schedule_policy", SCHEDULE_POLICY_CHOICES)
-        self._check_choice("attention_backend", BACKEND_CHOICES)
+        self._check_choice("attention_backend", ATTENTION_BACKEND_CHOICES)
         self._check_choice("moe_backend", BACKEND_CHOICES)
         self._check_choice("sampling_defaults", SAMPLING_DEFAULTS_CHOICES)
         if self.expert_distribution_recorder_mode is not None:

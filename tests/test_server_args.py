@@ -144,7 +144,7 @@ def test_preferred_sampling_params_parsed():
         ({"preferred_sampling_params": '{"top_p": 0}'}, "preferred_sampling_params: top_p must be in (0, 1], got 0."),
         ({"dtype": "int8"}, "dtype must be one of auto, half, float16, bfloat16, float, float32; got 'int8'."),
         ({"schedule_policy": "random"}, "schedule_policy must be one of fcfs, lpm; got 'random'."),
-        ({"attention_backend": "triton"}, "attention_backend must be one of auto, pallas, reference; got 'triton'."),
+        ({"attention_backend": "triton"}, "attention_backend must be one of auto, pallas, cpu, reference; got 'triton'."),
         ({"moe_backend": "x"}, "moe_backend must be one of auto, pallas, reference; got 'x'."),
         ({"log_level": "verbose"}, "log_level must be one of debug, info, warning, error, critical; got 'verbose'."),
         ({"sampling_defaults": "x"}, "sampling_defaults must be one of model, openai; got 'x'."),

@@ -1,16 +1,19 @@
-"""Ragged paged attention: one entry, the jnp reference and two Pallas kernels behind it.
+"""Ragged paged attention: one entry, the jnp reference, two Pallas kernels and a native CPU kernel behind it.
 
 `ragged_paged_attention` (signature and semantics in docs/architecture.md) writes the new tokens' K/V
 into their pages and attends every new token causally to its sequence's cache. `backend` picks the
 implementation (the server's `--attention-backend`):
 
-- "auto": the TPU kernel on TPU, the GPU kernel on NVIDIA GPUs, the reference elsewhere (CPU);
+- "auto": the TPU kernel on TPU, the GPU kernel on NVIDIA GPUs, the native CPU kernel elsewhere (the
+  reference where that kernel does not build or take the configuration);
 - "pallas": the platform's kernel; on CPU the GPU kernel in interpret mode (slow, for debugging);
-- "reference": the plain-jnp reference (`reference.py`), the CPU serving path;
+- "cpu": the native CPU kernel (`cpu_attention.cc`, built on first use, see `cpu.py`), float32 caches;
+- "reference": the plain-jnp reference (`reference.py`);
 - "pallas_tpu" / "pallas_gpu": that kernel, in interpret mode off its own platform (tests, benchmarks).
 
-A configuration the kernels do not take (head_dim other than 64 / 128, other dtypes, see
-`validate.kernel_supports`) runs the reference, with one warning per reason.
+A configuration the Pallas kernels do not take (head_dim other than 64 / 128, other dtypes, see
+`validate.kernel_supports`), or a CPU without the native kernel, runs the reference, with one warning
+per reason.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ __all__ = [
     "static_validate",
 ]
 
-BACKENDS = ("auto", "pallas", "reference", "pallas_tpu", "pallas_gpu")
+BACKENDS = ("auto", "pallas", "cpu", "reference", "pallas_tpu", "pallas_gpu")
 
 _log = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -46,12 +49,20 @@ def _warn_once(message: str) -> None:
 
 def resolve_backend(backend: str, *, head_dim: int, page_size: int, dtype, num_kv_heads: int = 8,
                     platform: str | None = None) -> tuple[str, bool]:
-    """`(implementation, interpret)`: implementation is 'reference', 'tpu' or 'gpu'; interpret says
+    """`(implementation, interpret)`: implementation is 'reference', 'cpu', 'tpu' or 'gpu'; interpret says
     whether the kernel runs in Pallas interpret mode (off its own platform)."""
     if backend not in BACKENDS:
         raise AttentionInputError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
     platform = platform or jax.default_backend()
-    if backend == "reference" or (backend == "auto" and platform not in ("tpu", "gpu")):
+    if backend == "reference":
+        return "reference", False
+    if backend == "cpu" or (backend == "auto" and platform not in ("tpu", "gpu")):
+        from kernels.attention import cpu
+
+        reason = cpu.unsupported_reason(page_size=page_size, dtype=dtype, platform=platform)
+        if reason is None:
+            return "cpu", False
+        _warn_once(f"attention backend {backend!r}: the native CPU kernel is not used: {reason}; using the reference")
         return "reference", False
     if backend == "pallas_tpu":
         kernel = "tpu"
@@ -88,6 +99,10 @@ def ragged_paged_attention(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q
     args = (q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs)
     if impl == "reference":
         return reference_attention(*args, **options)
+    if impl == "cpu":
+        from kernels.attention import cpu
+
+        return cpu.ragged_paged_attention(*args, **options)
     if impl == "tpu":
         from kernels.attention import tpu
 

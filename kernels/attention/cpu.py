@@ -1,0 +1,154 @@
+"""The native CPU attention kernel (`cpu_attention.cc`), built on first use and called as an XLA FFI op.
+
+`attend` has the contract of `reference.attend` (read-only, head-major cache, the step's own tokens
+from `k` / `v`) and `ragged_paged_attention` that of the reference's (token-major cache, written). The
+kernel reads each KV page once, in place, where XLA:CPU must gather pages into dense blocks and then
+runs its tiny per-head dots at a few GFLOP/s (numbers in docs/performance.md).
+
+Building: the C++ source is compiled with the system's C++ compiler (`$CXX`, else `c++` / `g++`) against
+the FFI headers jaxlib ships, with `-march=native`, into the user's cache directory
+(`$PALLAS_SERVE_CACHE`, else `$XDG_CACHE_HOME/pallas-serve`, else `~/.cache/pallas-serve`), under a name
+that hashes the source, the flags, jaxlib's version and this CPU, so an edit, an upgrade or another
+machine sharing the home directory gets its own build. `available()` says whether it builds and loads;
+when it does not (no compiler, not x86 / ARM Linux, ...), the dispatch falls back to the jnp reference
+with one warning giving the reason.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+_SOURCE = Path(__file__).with_name("cpu_attention.cc")
+_TARGET = "pallas_serve_paged_attention_cpu"
+_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
+          "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC"]
+
+_MAX_PAGE_SIZE = 256  # kMaxChunk in the source
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def cache_dir() -> Path:
+    if os.environ.get("PALLAS_SERVE_CACHE"):
+        return Path(os.environ["PALLAS_SERVE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "pallas-serve"
+
+
+def _cpu_signature() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    lines = [line for line in info.splitlines() if line.startswith(("model name", "flags", "Features"))]
+    return "\n".join(sorted(set(lines)))
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _build(compiler: str) -> Path:
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), jaxlib.__version__.encode(),
+                                     compiler.encode(), _cpu_signature().encode()])).hexdigest()[:16]
+    library = cache_dir() / "kernels" / f"cpu_attention-{key}.so"
+    if library.exists():
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+        built = Path(tmp) / library.name
+        command = [compiler, *_FLAGS, "-I", jax.ffi.include_dir(), str(_SOURCE), "-o", str(built)]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+        os.replace(built, library)  # atomic: concurrent builders each install a complete file
+    return library
+
+
+def _load() -> str | None:
+    """Build, load and register the kernel once per process; returns why it is unavailable, or None."""
+    with _lock:
+        if "error" in _state:
+            return _state["error"]  # type: ignore[return-value]
+        error = None
+        compiler = _compiler()
+        if platform.system() != "Linux" or platform.machine() not in ("x86_64", "aarch64"):
+            error = f"it is built for Linux on x86_64 / aarch64, not {platform.system()} {platform.machine()}"
+        elif compiler is None:
+            error = "no C++ compiler was found (set CXX, or install g++)"
+        else:
+            try:
+                library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
+                jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.PagedAttentionF32), platform="cpu")
+            except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as exc:
+                error = f"it did not build or load: {exc}"
+        _state["error"] = error
+        return error
+
+
+def unsupported_reason(*, page_size: int, dtype, platform: str) -> str | None:
+    """None when the kernel is ready to take this configuration here, else why not."""
+    if platform != "cpu":
+        return f"it runs on the CPU, not {platform}"
+    if jnp.dtype(dtype) != jnp.float32:
+        return f"it takes a float32 KV cache, not {jnp.dtype(dtype).name}"
+    if page_size > _MAX_PAGE_SIZE:
+        return f"it takes pages of up to {_MAX_PAGE_SIZE} tokens, not {page_size}"
+    return _load()
+
+
+def available() -> bool:
+    return _load() is None
+
+
+def _call(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale, sliding_window,
+          soft_cap, head_major: bool):
+    if _load() is not None:
+        raise RuntimeError(f"the CPU attention kernel is unavailable: {_state['error']}")
+    if kv_pages.dtype != jnp.float32:
+        raise ValueError(f"the CPU attention kernel takes a float32 cache, got {kv_pages.dtype}")
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
+    # As the reference: the step's own K/V are rounded to the cache dtype (a no-op for float32).
+    out = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")(
+        f32(q), f32(k), f32(v), kv_pages, i32(layer).reshape(1), i32(kv_lens), i32(page_indices), i32(cu_q_lens),
+        i32(num_seqs).reshape(1), sm_scale=np.float32(sm_scale), sliding_window=np.int64(sliding_window or 0),
+        soft_cap=np.float32(soft_cap or 0.0), head_major=head_major)
+    return out.astype(q.dtype)
+
+
+def attend(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale: float,
+           sliding_window: int | None = None, soft_cap: float | None = None, **_reference_only):
+    """`reference.attend` on the kernel: head-major cache `[layers, pages, 2 * kv_heads, page_size, D]`,
+    read only. Keyword arguments only the reference uses (`layout`, `cache_is_finite`) are ignored: the
+    kernel derives the layout itself and never reads slots past a sequence's length."""
+    return _call(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
+                 sliding_window=sliding_window, soft_cap=soft_cap, head_major=True)
+
+
+def ragged_paged_attention(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs, *,
+                           sm_scale: float, sliding_window: int | None = None, soft_cap: float | None = None):
+    """The kernels' contract (token-major cache, new K/V written, returns `(out, kv_pages)`)."""
+    from kernels.attention.reference import token_layout, write_kv
+
+    out = _call(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
+                sliding_window=sliding_window, soft_cap=soft_cap, head_major=False)
+    layout = token_layout(kv_lens, cu_q_lens, num_seqs, q.shape[0])
+    return out, write_kv(kv_pages, layer, k, v, page_indices, *layout)

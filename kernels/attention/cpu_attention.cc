@@ -1,0 +1,282 @@
+// Ragged paged attention for CPUs, as an XLA FFI custom call (built and registered by cpu.py).
+//
+// Same contract as `attend` in reference.py: every new token attends causally to its sequence's
+// context from before this step (read from the paged cache, which is never written here) and to the
+// step's own tokens (read from `k` / `v`), with an optional sliding window and logit soft-cap. Tokens
+// past cu_q_lens[num_seqs] get zero rows.
+//
+// Why a native kernel on CPU: XLA:CPU has to gather every page into a dense block before its batched
+// dots, and its dots with 1-8 query rows per KV head run at a few GFLOP/s; here each KV page is read
+// once, in place, by the (query block, KV head) that needs it, and the online softmax runs on it while
+// it is still in L1.
+//
+// Work is split into items (sequence, block of up to kQueryBlock of its new tokens, KV head), spread
+// over threads by an atomic counter. All indices read from the metadata are clamped, so bad metadata
+// can give wrong numbers but never an out-of-bounds read.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <sched.h>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kQueryBlock = 16;   // new tokens of one sequence per work item
+constexpr int64_t kKeyChunk = 16;     // own-token keys per softmax step
+constexpr int64_t kMaxChunk = 256;    // longest page the score buffer takes
+constexpr int64_t kThreadWork = 1 << 15;  // (query row x key) pairs below which one thread is enough
+
+// exp for x <= 0 (softmax arguments), vectorizable: 2^n * p(r) with a degree-6 polynomial on
+// |r| <= ln(2)/2, relative error below 2e-7.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::floor(x * 1.4426950408889634f + 0.5f);
+  const float r = x - n * 0.693145751953125f - n * 1.4286068203094172e-06f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+struct Problem {
+  const float* q;        // [T, Hq, D]
+  const float* k_new;    // [T, Hkv, D]
+  const float* v_new;    // [T, Hkv, D]
+  const float* cache;    // head-major [L, P, 2*Hkv, ps, D] or token-major [L, P, ps, 2*Hkv, D]
+  const int32_t* kv_lens;
+  const int32_t* page_indices;  // [S, pages_per_seq]
+  const int32_t* cu_q_lens;     // [S + 1]
+  float* out;                   // [T, Hq, D]
+  int64_t layer, num_layers, num_pages, page_size, num_tokens, q_heads, kv_heads, group, head_dim;
+  int64_t pages_per_seq;
+  bool head_major;
+  float sm_scale, soft_cap;
+  int64_t window;  // 0: none
+};
+
+struct Item {
+  int64_t seq, t0, t1, head;  // tokens [t0, t1) of sequence `seq`, KV head `head`
+  int64_t seq_start, prior;   // the sequence's first new token, its cached context length
+};
+
+// Online-softmax state and scratch of one work item.
+struct State {
+  std::vector<float> q, m, l, acc, s;
+  explicit State(const Problem& p)
+      : q(kQueryBlock * p.group * p.head_dim), m(kQueryBlock * p.group), l(kQueryBlock * p.group),
+        acc(kQueryBlock * p.group * p.head_dim), s(kMaxChunk) {}
+};
+
+// Fold `nk` keys at positions [kpos0, kpos0 + nk) (rows `stride` floats apart) into the state.
+// `kD` > 0 fixes head_dim at compile time (the common sizes: fully unrolled vector loops); 0 reads it
+// from the problem.
+template <int64_t kD>
+void fold_keys(const Problem& p, const Item& it, State& st, const float* kb, const float* vb, int64_t stride,
+               int64_t nk, int64_t kpos0) {
+  const int64_t D = kD > 0 ? kD : p.head_dim, G = p.group;
+  const int64_t rows = (it.t1 - it.t0) * G;
+  float* s = st.s.data();
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t qpos = it.prior + (it.t0 - it.seq_start) + r / G;
+    // Visible keys: kpos <= qpos, and kpos > qpos - window.
+    int64_t lo = 0, hi = nk;
+    hi = std::min<int64_t>(hi, qpos - kpos0 + 1);
+    if (p.window > 0) lo = std::max<int64_t>(lo, qpos - p.window + 1 - kpos0);
+    if (hi <= lo) continue;
+    const float* qr = st.q.data() + r * D;
+    float mx = -INFINITY;
+    for (int64_t j = lo; j < hi; ++j) {
+      const float* kr = kb + j * stride;
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < D; ++d) dot += qr[d] * kr[d];
+      if (p.soft_cap > 0.0f) dot = p.soft_cap * std::tanh(dot / p.soft_cap);
+      s[j] = dot;
+      mx = std::max(mx, dot);
+    }
+    if (!(mx > -INFINITY)) mx = 0.0f;  // NaN scores: keep the state finite, the sum below carries the NaN
+    const float m_old = st.m[r];
+    const float m_new = std::max(m_old, mx);
+    const float correction = m_old == -INFINITY ? 0.0f : exp_nonpositive(m_old - m_new);
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = lo; j < hi; ++j) {
+      s[j] = exp_nonpositive(s[j] - m_new);
+      sum += s[j];
+    }
+    float* acc = st.acc.data() + r * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) acc[d] *= correction;
+    for (int64_t j = lo; j < hi; ++j) {
+      const float pj = s[j];
+      const float* vr = vb + j * stride;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) acc[d] += pj * vr[d];
+    }
+    st.l[r] = st.l[r] * correction + sum;
+    st.m[r] = m_new;
+  }
+}
+
+template <int64_t kD>
+void run_item(const Problem& p, const Item& it, State& st) {
+  const int64_t D = kD > 0 ? kD : p.head_dim, G = p.group, H2 = 2 * p.kv_heads, ps = p.page_size;
+  const int64_t nt = it.t1 - it.t0, rows = nt * G;
+  for (int64_t i = 0; i < nt; ++i)
+    for (int64_t g = 0; g < G; ++g) {
+      const float* src = p.q + ((it.t0 + i) * p.q_heads + it.head * G + g) * D;
+      float* dst = st.q.data() + (i * G + g) * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * p.sm_scale;
+    }
+  std::fill(st.m.begin(), st.m.begin() + rows, -INFINITY);
+  std::fill(st.l.begin(), st.l.begin() + rows, 0.0f);
+  std::fill(st.acc.begin(), st.acc.begin() + rows * D, 0.0f);
+
+  // 1. The cached context [0, prior), page by page; keys before every row's window are skipped.
+  const int64_t first_pos = it.prior + (it.t0 - it.seq_start);
+  int64_t start = 0;
+  if (p.window > 0) start = std::max<int64_t>(0, first_pos - p.window + 1);
+  const int32_t* table = p.page_indices + it.seq * p.pages_per_seq;
+  auto page_rows = [&](int64_t page_no) {  // this head's K rows of a page; V is `kv_offset` floats on
+    const int64_t page = std::clamp<int64_t>(table[page_no], 0, p.num_pages - 1);
+    return p.head_major ? p.cache + (((p.layer * p.num_pages + page) * H2 + 2 * it.head) * ps) * D
+                        : p.cache + ((p.layer * p.num_pages + page) * ps * H2 + 2 * it.head) * D;
+  };
+  const int64_t kv_offset = p.head_major ? ps * D : D, stride = p.head_major ? D : H2 * D;
+  const int64_t pages = (it.prior + ps - 1) / ps;
+  for (int64_t page_no = start / ps; page_no < pages; ++page_no) {
+    const float* kb = page_rows(page_no);
+    if (page_no + 1 < pages && p.head_major) {
+      // Pages are scattered in memory, so the hardware prefetcher cannot see the next one coming.
+      const float* next = page_rows(page_no + 1);
+      for (int64_t i = 0; i < ps * D; i += 16) {
+        __builtin_prefetch(next + i);
+        __builtin_prefetch(next + kv_offset + i);
+      }
+    }
+    fold_keys<kD>(p, it, st, kb, kb + kv_offset, stride, std::min<int64_t>(ps, it.prior - page_no * ps), page_no * ps);
+  }
+
+  // 2. The step's own tokens of this sequence, up to the block's last token.
+  const int64_t own_end = it.t1 - it.seq_start;  // keys [0, own_end) of this sequence's new tokens
+  int64_t own_start = 0;
+  if (p.window > 0) own_start = std::max<int64_t>(0, first_pos - p.window + 1 - it.prior);
+  for (int64_t j0 = own_start; j0 < own_end; j0 += kKeyChunk) {
+    const int64_t nk = std::min(kKeyChunk, own_end - j0);
+    const int64_t row = (it.seq_start + j0) * p.kv_heads + it.head;
+    fold_keys<kD>(p, it, st, p.k_new + row * D, p.v_new + row * D, p.kv_heads * D, nk, it.prior + j0);
+  }
+
+  for (int64_t i = 0; i < nt; ++i)
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t r = i * G + g;
+      const float inv = st.l[r] > 0.0f ? 1.0f / st.l[r] : 0.0f;
+      const float* acc = st.acc.data() + r * D;
+      float* dst = p.out + ((it.t0 + i) * p.q_heads + it.head * G + g) * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] = acc[d] * inv;
+    }
+}
+
+ffi::Error PagedAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                              ffi::AnyBuffer cache, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> kv_lens,
+                              ffi::Buffer<ffi::S32> page_indices, ffi::Buffer<ffi::S32> cu_q_lens,
+                              ffi::Buffer<ffi::S32> num_seqs, ffi::ResultBuffer<ffi::F32> out, float sm_scale,
+                              int64_t sliding_window, float soft_cap, bool head_major) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), cd = cache.dimensions(), pd = page_indices.dimensions();
+  if (qd.size() != 3 || kd.size() != 3 || cd.size() != 5 || pd.size() != 2)
+    return ffi::Error::InvalidArgument("paged attention: q, k [T, heads, D], cache rank 5, page_indices rank 2");
+  if (cache.element_type() != ffi::F32)
+    return ffi::Error::InvalidArgument("paged attention: the CPU kernel takes a float32 cache");
+  Problem p{};
+  p.q = q.typed_data();
+  p.k_new = k.typed_data();
+  p.v_new = v.typed_data();
+  p.cache = reinterpret_cast<const float*>(cache.untyped_data());
+  p.kv_lens = kv_lens.typed_data();
+  p.page_indices = page_indices.typed_data();
+  p.cu_q_lens = cu_q_lens.typed_data();
+  p.out = out->typed_data();
+  p.num_tokens = qd[0];
+  p.q_heads = qd[1];
+  p.head_dim = qd[2];
+  p.kv_heads = kd[1];
+  p.num_layers = cd[0];
+  p.num_pages = cd[1];
+  p.head_major = head_major;
+  p.page_size = head_major ? cd[3] : cd[2];
+  p.pages_per_seq = pd[1];
+  p.sm_scale = sm_scale;
+  p.soft_cap = soft_cap;
+  p.window = sliding_window;
+  if (p.kv_heads <= 0 || p.q_heads % p.kv_heads != 0 || (head_major ? cd[2] : cd[3]) != 2 * p.kv_heads ||
+      cd[4] != p.head_dim || kd[0] != p.num_tokens || kd[2] != p.head_dim || p.page_size > kMaxChunk)
+    return ffi::Error::InvalidArgument("paged attention: inconsistent shapes");
+  p.group = p.q_heads / p.kv_heads;
+  p.layer = std::clamp<int64_t>(layer.typed_data()[0], 0, p.num_layers - 1);
+
+  std::fill(p.out, p.out + p.num_tokens * p.q_heads * p.head_dim, 0.0f);
+  const int64_t seqs_padded = pd[0];
+  const int64_t live = std::clamp<int64_t>(num_seqs.typed_data()[0], 0, seqs_padded);
+  std::vector<Item> items;
+  int64_t work = 0;
+  for (int64_t s = 0; s < live; ++s) {
+    const int64_t t0 = std::clamp<int64_t>(p.cu_q_lens[s], 0, p.num_tokens);
+    const int64_t t1 = std::clamp<int64_t>(p.cu_q_lens[s + 1], t0, p.num_tokens);
+    const int64_t prior = std::clamp<int64_t>(int64_t{p.kv_lens[s]} - (t1 - t0), 0, p.pages_per_seq * p.page_size);
+    for (int64_t b = t0; b < t1; b += kQueryBlock)
+      for (int64_t h = 0; h < p.kv_heads; ++h)
+        items.push_back({s, b, std::min(b + kQueryBlock, t1), h, t0, prior});
+    work += (t1 - t0) * p.group * p.kv_heads * (prior + (t1 - t0));
+  }
+
+  std::atomic<size_t> next{0};
+  auto worker = [&] {
+    State st(p);
+    auto run = p.head_dim == 64 ? run_item<64> : p.head_dim == 128 ? run_item<128> : run_item<0>;
+    for (size_t i = next++; i < items.size(); i = next++) run(p, items[i], st);
+  };
+  cpu_set_t affinity;
+  const int64_t cores = sched_getaffinity(0, sizeof affinity, &affinity) == 0
+                            ? std::max(1, CPU_COUNT(&affinity))
+                            : std::max<int64_t>(1, std::thread::hardware_concurrency());
+  const int64_t threads = std::min<int64_t>({cores, static_cast<int64_t>(items.size()), 1 + work / kThreadWork});
+  std::vector<std::thread> pool;
+  for (int64_t i = 1; i < threads; ++i) pool.emplace_back(worker);
+  worker();
+  for (auto& t : pool) t.join();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedAttentionF32, PagedAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("sm_scale")
+                                  .Attr<int64_t>("sliding_window")
+                                  .Attr<float>("soft_cap")
+                                  .Attr<bool>("head_major"));

@@ -17,7 +17,15 @@ from kernels.attention import cpu as cpu_attention
 from kernels.attention import ragged_paged_attention, resolve_backend
 from kernels.attention.reference import attend, interleave_kv, token_layout
 from model.config import ModelConfig
-from model.layers import Dense, FusedDense, GatedMLP, RMSNorm, apply_rope, rope_inverse_frequencies
+from model.layers import (
+    Dense,
+    FusedDense,
+    GatedMLP,
+    RMSNorm,
+    apply_rope,
+    rope_inverse_frequencies,
+    rope_tables,
+)
 
 
 class AttentionMetadata(NamedTuple):
@@ -74,9 +82,7 @@ class Attention(nnx.Module):
         v = v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        inv_freq, attention_factor = rope
-        q = apply_rope(q, positions, inv_freq, attention_factor)
-        k = apply_rope(k, positions, inv_freq, attention_factor)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         options = dict(sm_scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window)
         if layout is not None:
             impl, _ = resolve_backend(backend, head_dim=cfg.head_dim, page_size=kv_pages.shape[3],
@@ -131,15 +137,17 @@ class LlamaForCausalLM(nnx.Module):
         )
 
     def __call__(self, input_ids, positions, kv_pages, meta: AttentionMetadata, logits_indices, layers=None,
-                 deferred_kv: bool = False):
+                 deferred_kv: bool = False, rope=None):
         """Returns float32 logits `[S, vocab]` for the rows `logits_indices`, and the updated cache.
 
         `layers`: optional list of per-layer modules with their own (unstacked) params, run as an
         unrolled loop instead of the scan over `self.layers` (see `hidden_states`).
-        `deferred_kv`: the jnp-attention serving path (see `hidden_states`): `kv_pages` is head-major and
-        only read, and a `KVWrite` comes back instead of the updated cache.
+        `deferred_kv`: the CPU serving path (see `hidden_states`): `kv_pages` is head-major and only
+        read, and a `KVWrite` comes back instead of the updated cache.
+        `rope`: `(cos, sin)` tables for `positions` (`model.layers.rope_tables`) if the caller has them
+        (the runner builds them on the host); computed here otherwise.
         """
-        x, kv = self.hidden_states(input_ids, positions, kv_pages, meta, layers, deferred_kv)
+        x, kv = self.hidden_states(input_ids, positions, kv_pages, meta, layers, deferred_kv, rope)
         return self.logits(x[logits_indices]), kv
 
     def uses_kernel_attention(self, kv_dtype, page_size: int) -> bool:
@@ -151,7 +159,7 @@ class LlamaForCausalLM(nnx.Module):
         return impl in ("tpu", "gpu")
 
     def hidden_states(self, input_ids, positions, kv_pages, meta: AttentionMetadata, layers=None,
-                      deferred_kv: bool = False):
+                      deferred_kv: bool = False, rope=None):
         """Scan over the stacked layers (compile time independent of depth), or, given `layers`, an
         unrolled loop: XLA:CPU copies each layer's weights out of a stacked array before using them
         (measured 3.4x slower weight reads at batch 1), so the CPU path keeps one array per layer.
@@ -163,7 +171,8 @@ class LlamaForCausalLM(nnx.Module):
         copied the whole cache, per layer or per step, so a step grew with the pool size."""
         cfg = self.config
         x = self.embed_tokens[...][input_ids]
-        rope = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        if rope is None:
+            rope = rope_tables(positions, *rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
         backend = self.attention_backend
         layout = None
         if deferred_kv:

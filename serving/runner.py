@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from checkpoints.safetensors import load_params
 from kernels.attention.reference import write_kv_layers
 from model.config import ModelConfig
+from model.layers import rope_inverse_frequencies, rope_tables
 from model.llama import AttentionMetadata, KVWrite
 from model.registry import model_class_for
 from serving.kv_cache import KVCacheSpec, allocate_kv_pages, params_bytes, plan_kv_cache
@@ -53,6 +54,7 @@ class StepBatch(NamedTuple):
     meta: AttentionMetadata
     logits_indices: jax.Array  # int32[S]
     sampling: SamplingBatch
+    rope: tuple[jax.Array, jax.Array]  # float32[T, 1, head_dim // 2] x 2 (cos, sin), see `rope_tables`
 
 
 @dataclass
@@ -77,7 +79,7 @@ def _step(graphdef, layer_graphdef, abstract_layers, deferred_kv, treedef, param
         model = nnx.merge(graphdef, layers, rest)
         layer_modules = None
     logits, kv = model(batch.input_ids, batch.positions, kv_pages, batch.meta, batch.logits_indices,
-                       layer_modules, deferred_kv)
+                       layer_modules, deferred_kv, batch.rope)
     return sample(logits, batch.sampling), kv
 
 
@@ -94,6 +96,9 @@ class ModelRunner:
         self.config = ModelConfig.from_dir(self.model_dir)
         self.dtype = resolve_dtype(dtype, self.config)
         self.context_length = context_length or self.config.max_position_embeddings
+        inv_freq, attention_factor = rope_inverse_frequencies(self.config.head_dim, self.config.rope_theta,
+                                                              self.config.rope_scaling)
+        self._rope_frequencies = (np.asarray(inv_freq), attention_factor)
         cls = model_class_for(self.config)
         abstract = nnx.eval_shape(
             lambda: cls(self.config, dtype=self.dtype, rngs=nnx.Rngs(0), attention_backend=attention_backend)
@@ -209,7 +214,8 @@ class ModelRunner:
         for name, values in host.sampling.items():
             sampling[name][:num_seqs] = values
         meta = AttentionMetadata(kv_lens, page_indices, cu_q_lens, np.array([num_seqs], np.int32))
-        return StepBatch(input_ids, positions, meta, logits_indices, SamplingBatch(**sampling))
+        rope = rope_tables(positions, *self._rope_frequencies, xp=np)
+        return StepBatch(input_ids, positions, meta, logits_indices, SamplingBatch(**sampling), rope)
 
     def run(self, host: HostBatch) -> np.ndarray:
         """Run one step; returns the sampled token of each sequence (`int32[num_seqs]`)."""

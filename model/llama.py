@@ -7,6 +7,7 @@ projects only the rows named by `logits_indices` (the last new token of each seq
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -87,7 +88,8 @@ class Attention(nnx.Module):
         if layout is not None:
             impl, _ = resolve_backend(backend, head_dim=cfg.head_dim, page_size=kv_pages.shape[3],
                                       num_kv_heads=cfg.num_kv_heads, dtype=kv_pages.dtype)
-            read = cpu_attention.attend if impl == "cpu" else attend
+            # The native kernel's cache stores K transposed (the runner writes it so, see `attention_impl`).
+            read = partial(cpu_attention.attend, k_transposed=True) if impl == "cpu" else attend
             out = read(q, k, v, kv_pages, layer, *meta, layout=layout, cache_is_finite=True, **options)
             return self.o_proj(out.reshape(num_tokens, -1)), interleave_kv(k, v)
         out, kv_pages = ragged_paged_attention(q, k, v, kv_pages, layer, *meta, backend=backend, **options)
@@ -150,13 +152,18 @@ class LlamaForCausalLM(nnx.Module):
         x, kv = self.hidden_states(input_ids, positions, kv_pages, meta, layers, deferred_kv, rope)
         return self.logits(x[logits_indices]), kv
 
+    def attention_impl(self, kv_dtype, page_size: int) -> str:
+        """What the attention backend resolves to here: 'tpu' / 'gpu' (Pallas kernels, token-major cache
+        written per layer), 'cpu' (the native kernel: read-only, head-major cache with K stored
+        transposed, `write_kv_layers(k_transposed=True)`) or 'reference' (read-only, head-major)."""
+        cfg = self.config
+        return resolve_backend(self.attention_backend, head_dim=cfg.head_dim, page_size=page_size,
+                               num_kv_heads=cfg.num_kv_heads, dtype=kv_dtype)[0]
+
     def uses_kernel_attention(self, kv_dtype, page_size: int) -> bool:
         """Whether the attention backend resolves to a Pallas kernel (which writes the cache per layer);
         the jnp reference and the native CPU kernel take the read-only path (`deferred_kv`)."""
-        cfg = self.config
-        impl, _ = resolve_backend(self.attention_backend, head_dim=cfg.head_dim, page_size=page_size,
-                                  num_kv_heads=cfg.num_kv_heads, dtype=kv_dtype)
-        return impl in ("tpu", "gpu")
+        return self.attention_impl(kv_dtype, page_size) in ("tpu", "gpu")
 
     def hidden_states(self, input_ids, positions, kv_pages, meta: AttentionMetadata, layers=None,
                       deferred_kv: bool = False, rope=None):

@@ -83,8 +83,8 @@ def _step(graphdef, layer_graphdef, abstract_layers, deferred_kv, treedef, param
     return sample(logits, batch.sampling), kv
 
 
-def _write_kv(kv_pages, kv_write: KVWrite):
-    return write_kv_layers(kv_pages, *kv_write)
+def _write_kv(k_transposed, kv_pages, kv_write: KVWrite):
+    return write_kv_layers(kv_pages, *kv_write, k_transposed=k_transposed)
 
 
 class ModelRunner:
@@ -130,7 +130,8 @@ class ModelRunner:
         step = partial(_step, self.graphdef, self._layer_graphdef, abstract_layers, self.deferred_kv,
                        self._param_treedef)
         self._step = jax.jit(step) if self.deferred_kv else jax.jit(step, donate_argnums=(1,))
-        self._write_kv = jax.jit(_write_kv, donate_argnums=(0,))
+        k_transposed = abstract.attention_impl(self.dtype, page_size) == "cpu"
+        self._write_kv = jax.jit(partial(_write_kv, k_transposed), donate_argnums=(0,))
         logger.info(
             "Model %s loaded: %s, %.1f MB of weights; KV cache %d pages x %d tokens (%.1f MB)",
             self.config.architecture, jnp.dtype(self.dtype).name, self.weight_bytes / 1e6,

@@ -36,7 +36,6 @@ _TARGET = "pallas_serve_paged_attention_cpu"
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
           "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC"]
 
-_MAX_PAGE_SIZE = 256  # kMaxChunk in the source
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -109,8 +108,6 @@ def unsupported_reason(*, page_size: int, dtype, platform: str) -> str | None:
         return f"it runs on the CPU, not {platform}"
     if jnp.dtype(dtype) != jnp.float32:
         return f"it takes a float32 KV cache, not {jnp.dtype(dtype).name}"
-    if page_size > _MAX_PAGE_SIZE:
-        return f"it takes pages of up to {_MAX_PAGE_SIZE} tokens, not {page_size}"
     return _load()
 
 
@@ -118,8 +115,12 @@ def available() -> bool:
     return _load() is None
 
 
+# Cache layouts the kernel reads (its `layout` attribute); see `cpu_attention.cc`.
+LAYOUTS = {"token_major": 0, "head_major": 1, "head_major_kt": 2}
+
+
 def _call(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale, sliding_window,
-          soft_cap, head_major: bool):
+          soft_cap, layout: str):
     if _load() is not None:
         raise RuntimeError(f"the CPU attention kernel is unavailable: {_state['error']}")
     if kv_pages.dtype != jnp.float32:
@@ -130,17 +131,21 @@ def _call(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs, 
     out = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")(
         f32(q), f32(k), f32(v), kv_pages, i32(layer).reshape(1), i32(kv_lens), i32(page_indices), i32(cu_q_lens),
         i32(num_seqs).reshape(1), sm_scale=np.float32(sm_scale), sliding_window=np.int64(sliding_window or 0),
-        soft_cap=np.float32(soft_cap or 0.0), head_major=head_major)
+        soft_cap=np.float32(soft_cap or 0.0), layout=np.int64(LAYOUTS[layout]))
     return out.astype(q.dtype)
 
 
 def attend(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale: float,
-           sliding_window: int | None = None, soft_cap: float | None = None, **_reference_only):
+           sliding_window: int | None = None, soft_cap: float | None = None, k_transposed: bool = False,
+           **_reference_only):
     """`reference.attend` on the kernel: head-major cache `[layers, pages, 2 * kv_heads, page_size, D]`,
-    read only. Keyword arguments only the reference uses (`layout`, `cache_is_finite`) are ignored: the
-    kernel derives the layout itself and never reads slots past a sequence's length."""
+    read only. `k_transposed`: the serving layout, where each page's K block holds K^T (`[D, page_size]`
+    in the same `page_size * D` floats, as `reference.write_kv_layers(k_transposed=True)` writes it), which
+    the kernel reads in place. Keyword arguments only the reference uses (`layout`, `cache_is_finite`)
+    are ignored: the kernel derives the token layout itself and never reads slots past a sequence's end."""
     return _call(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
-                 sliding_window=sliding_window, soft_cap=soft_cap, head_major=True)
+                 sliding_window=sliding_window, soft_cap=soft_cap,
+                 layout="head_major_kt" if k_transposed else "head_major")
 
 
 def ragged_paged_attention(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs, *,
@@ -149,6 +154,6 @@ def ragged_paged_attention(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q
     from kernels.attention.reference import token_layout, write_kv
 
     out = _call(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
-                sliding_window=sliding_window, soft_cap=soft_cap, head_major=False)
+                sliding_window=sliding_window, soft_cap=soft_cap, layout="token_major")
     layout = token_layout(kv_lens, cu_q_lens, num_seqs, q.shape[0])
     return out, write_kv(kv_pages, layer, k, v, page_indices, *layout)

@@ -11,8 +11,13 @@
 // it is still in L1.
 //
 // Work is split into items (sequence, block of up to kQueryBlock of its new tokens, KV head), spread
-// over threads by an atomic counter. All indices read from the metadata are clamped, so bad metadata
-// can give wrong numbers but never an out-of-bounds read.
+// over threads by an atomic counter. Keys are taken 16 at a time, transposed (`kT[d][j]`), so a query
+// row's 16 scores are one vector accumulated over d with no horizontal sums; four query rows share each
+// load. The serving layout (`kLayoutHeadMajorKT`) stores K pages transposed, so they are read in place;
+// other layouts and the step's own keys are transposed into a small buffer first. All indices read from
+// the metadata are clamped: bad metadata can give wrong numbers, never an out-of-bounds read.
+
+#include <sched.h>
 
 #include <algorithm>
 #include <atomic>
@@ -20,7 +25,6 @@
 #include <cstdint>
 #include <cstring>
 #include <thread>
-#include <sched.h>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -29,10 +33,15 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kQueryBlock = 16;   // new tokens of one sequence per work item
-constexpr int64_t kKeyChunk = 16;     // own-token keys per softmax step
-constexpr int64_t kMaxChunk = 256;    // longest page the score buffer takes
+constexpr int64_t kQueryBlock = 16;       // new tokens of one sequence per work item
+constexpr int64_t kLanes = 16;            // keys per chunk: one score vector
+constexpr int64_t kRowGroup = 4;          // query rows that share each key load
 constexpr int64_t kThreadWork = 1 << 15;  // (query row x key) pairs below which one thread is enough
+
+// Cache layouts (the `layout` attribute), [layers, pages, ...] then:
+constexpr int64_t kLayoutTokenMajor = 0;   // [page_size, 2 * kv_heads, head_dim]
+constexpr int64_t kLayoutHeadMajor = 1;    // [2 * kv_heads, page_size, head_dim]
+constexpr int64_t kLayoutHeadMajorKT = 2;  // [2 * kv_heads, page_size * head_dim], K as [head_dim, page_size]
 
 // exp for x <= 0 (softmax arguments), vectorizable: 2^n * p(r) with a degree-6 polynomial on
 // |r| <= ln(2)/2, relative error below 2e-7.
@@ -57,14 +66,13 @@ struct Problem {
   const float* q;        // [T, Hq, D]
   const float* k_new;    // [T, Hkv, D]
   const float* v_new;    // [T, Hkv, D]
-  const float* cache;    // head-major [L, P, 2*Hkv, ps, D] or token-major [L, P, ps, 2*Hkv, D]
+  const float* cache;    // [L, P, ...] in `layout`
   const int32_t* kv_lens;
   const int32_t* page_indices;  // [S, pages_per_seq]
   const int32_t* cu_q_lens;     // [S + 1]
   float* out;                   // [T, Hq, D]
   int64_t layer, num_layers, num_pages, page_size, num_tokens, q_heads, kv_heads, group, head_dim;
-  int64_t pages_per_seq;
-  bool head_major;
+  int64_t pages_per_seq, layout;
   float sm_scale, soft_cap;
   int64_t window;  // 0: none
 };
@@ -76,61 +84,102 @@ struct Item {
 
 // Online-softmax state and scratch of one work item.
 struct State {
-  std::vector<float> q, m, l, acc, s;
+  std::vector<float> q, m, l, acc, kt;
   explicit State(const Problem& p)
       : q(kQueryBlock * p.group * p.head_dim), m(kQueryBlock * p.group), l(kQueryBlock * p.group),
-        acc(kQueryBlock * p.group * p.head_dim), s(kMaxChunk) {}
+        acc(kQueryBlock * p.group * p.head_dim), kt(p.head_dim * kLanes) {}
 };
 
-// Fold `nk` keys at positions [kpos0, kpos0 + nk) (rows `stride` floats apart) into the state.
-// `kD` > 0 fixes head_dim at compile time (the common sizes: fully unrolled vector loops); 0 reads it
-// from the problem.
-template <int64_t kD>
-void fold_keys(const Problem& p, const Item& it, State& st, const float* kb, const float* vb, int64_t stride,
-               int64_t nk, int64_t kpos0) {
-  const int64_t D = kD > 0 ? kD : p.head_dim, G = p.group;
-  const int64_t rows = (it.t1 - it.t0) * G;
-  float* s = st.s.data();
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t qpos = it.prior + (it.t0 - it.seq_start) + r / G;
+// A chunk of up to 16 keys at positions [kpos0, kpos0 + nk): K transposed (`kt[d * kt_stride + j]`,
+// 16 readable lanes per row; lanes >= nk are masked) and V rows `v_stride` floats apart.
+struct Chunk {
+  const float* kt;
+  int64_t kt_stride;
+  const float* v;
+  int64_t v_stride, nk, kpos0;
+};
+
+// Fold a chunk into `R` query rows starting at `r0`. `kD` > 0 fixes head_dim at compile time.
+template <int64_t kD, int R>
+void fold_rows(const Problem& p, const Item& it, State& st, const Chunk& c, int64_t r0) {
+  const int64_t D = kD > 0 ? kD : p.head_dim;
+  int64_t lo[R], hi[R];
+  bool any = false;
+  for (int i = 0; i < R; ++i) {
+    const int64_t qpos = it.prior + (it.t0 - it.seq_start) + (r0 + i) / p.group;
     // Visible keys: kpos <= qpos, and kpos > qpos - window.
-    int64_t lo = 0, hi = nk;
-    hi = std::min<int64_t>(hi, qpos - kpos0 + 1);
-    if (p.window > 0) lo = std::max<int64_t>(lo, qpos - p.window + 1 - kpos0);
-    if (hi <= lo) continue;
-    const float* qr = st.q.data() + r * D;
-    float mx = -INFINITY;
-    for (int64_t j = lo; j < hi; ++j) {
-      const float* kr = kb + j * stride;
-      float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t d = 0; d < D; ++d) dot += qr[d] * kr[d];
-      if (p.soft_cap > 0.0f) dot = p.soft_cap * std::tanh(dot / p.soft_cap);
-      s[j] = dot;
-      mx = std::max(mx, dot);
+    hi[i] = std::min<int64_t>(c.nk, qpos - c.kpos0 + 1);
+    lo[i] = p.window > 0 ? std::max<int64_t>(0, qpos - p.window + 1 - c.kpos0) : 0;
+    any |= hi[i] > lo[i];
+  }
+  if (!any) return;
+  float s[R][kLanes] = {};
+  const float* q = st.q.data() + r0 * D;
+  for (int64_t d = 0; d < D; ++d) {
+    const float* kt = c.kt + d * c.kt_stride;
+    for (int i = 0; i < R; ++i) {
+      const float qd = q[i * D + d];
+#pragma omp simd
+      for (int j = 0; j < kLanes; ++j) s[i][j] += qd * kt[j];
     }
-    if (!(mx > -INFINITY)) mx = 0.0f;  // NaN scores: keep the state finite, the sum below carries the NaN
+  }
+  for (int i = 0; i < R; ++i) {
+    if (hi[i] <= lo[i]) {
+      for (int j = 0; j < kLanes; ++j) s[i][j] = 0.0f;
+      continue;
+    }
+    if (p.soft_cap > 0.0f)
+      for (int j = 0; j < kLanes; ++j) s[i][j] = p.soft_cap * std::tanh(s[i][j] / p.soft_cap);
+    float mx = -INFINITY;
+    for (int j = 0; j < kLanes; ++j)
+      if (j >= lo[i] && j < hi[i]) mx = std::max(mx, s[i][j]);
+    const int64_t r = r0 + i;
     const float m_old = st.m[r];
     const float m_new = std::max(m_old, mx);
     const float correction = m_old == -INFINITY ? 0.0f : exp_nonpositive(m_old - m_new);
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t j = lo; j < hi; ++j) {
-      s[j] = exp_nonpositive(s[j] - m_new);
-      sum += s[j];
-    }
-    float* acc = st.acc.data() + r * D;
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) acc[d] *= correction;
-    for (int64_t j = lo; j < hi; ++j) {
-      const float pj = s[j];
-      const float* vr = vb + j * stride;
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) acc[d] += pj * vr[d];
+    for (int j = 0; j < kLanes; ++j) {
+      const float e = exp_nonpositive(s[i][j] - m_new);
+      s[i][j] = (j >= lo[i] && j < hi[i]) ? e : 0.0f;  // a select: masked lanes may hold NaN
+      sum += s[i][j];
     }
     st.l[r] = st.l[r] * correction + sum;
     st.m[r] = m_new;
+    float* acc = st.acc.data() + r * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) acc[d] *= correction;
   }
+  float* acc = st.acc.data() + r0 * D;
+  for (int64_t j = 0; j < c.nk; ++j) {
+    const float* v = c.v + j * c.v_stride;
+    for (int i = 0; i < R; ++i) {
+      const float pj = s[i][j];
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) acc[i * D + d] += pj * v[d];
+    }
+  }
+}
+
+template <int64_t kD>
+void fold_chunk(const Problem& p, const Item& it, State& st, const Chunk& c) {
+  const int64_t rows = (it.t1 - it.t0) * p.group;
+  int64_t r0 = 0;
+  for (; r0 + kRowGroup <= rows; r0 += kRowGroup) fold_rows<kD, kRowGroup>(p, it, st, c, r0);
+  switch (rows - r0) {
+    case 3: fold_rows<kD, 3>(p, it, st, c, r0); break;
+    case 2: fold_rows<kD, 2>(p, it, st, c, r0); break;
+    case 1: fold_rows<kD, 1>(p, it, st, c, r0); break;
+    default: break;
+  }
+}
+
+// Transpose `nk` key rows (`stride` floats apart) into the item's buffer; unused lanes are zero.
+const float* transpose_keys(State& st, int64_t D, const float* k, int64_t stride, int64_t nk) {
+  float* kt = st.kt.data();
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t j = 0; j < kLanes; ++j) kt[d * kLanes + j] = j < nk ? k[j * stride + d] : 0.0f;
+  return kt;
 }
 
 template <int64_t kD>
@@ -152,34 +201,62 @@ void run_item(const Problem& p, const Item& it, State& st) {
   int64_t start = 0;
   if (p.window > 0) start = std::max<int64_t>(0, first_pos - p.window + 1);
   const int32_t* table = p.page_indices + it.seq * p.pages_per_seq;
-  auto page_rows = [&](int64_t page_no) {  // this head's K rows of a page; V is `kv_offset` floats on
+  const int64_t page_floats = ps * H2 * D;
+  auto page_base = [&](int64_t page_no) {
     const int64_t page = std::clamp<int64_t>(table[page_no], 0, p.num_pages - 1);
-    return p.head_major ? p.cache + (((p.layer * p.num_pages + page) * H2 + 2 * it.head) * ps) * D
-                        : p.cache + ((p.layer * p.num_pages + page) * ps * H2 + 2 * it.head) * D;
+    return p.cache + (p.layer * p.num_pages + page) * page_floats;
   };
-  const int64_t kv_offset = p.head_major ? ps * D : D, stride = p.head_major ? D : H2 * D;
+  const bool in_place = p.layout == kLayoutHeadMajorKT && ps % kLanes == 0;
   const int64_t pages = (it.prior + ps - 1) / ps;
   for (int64_t page_no = start / ps; page_no < pages; ++page_no) {
-    const float* kb = page_rows(page_no);
-    if (page_no + 1 < pages && p.head_major) {
-      // Pages are scattered in memory, so the hardware prefetcher cannot see the next one coming.
-      const float* next = page_rows(page_no + 1);
-      for (int64_t i = 0; i < ps * D; i += 16) {
-        __builtin_prefetch(next + i);
-        __builtin_prefetch(next + kv_offset + i);
-      }
+    const float* base = page_base(page_no);
+    const float *k, *v;
+    int64_t k_stride, v_stride;
+    if (p.layout == kLayoutTokenMajor) {
+      k = base + 2 * it.head * D;
+      v = k + D;
+      k_stride = v_stride = H2 * D;
+    } else {
+      k = base + 2 * it.head * ps * D;
+      v = k + ps * D;
+      k_stride = v_stride = D;
     }
-    fold_keys<kD>(p, it, st, kb, kb + kv_offset, stride, std::min<int64_t>(ps, it.prior - page_no * ps), page_no * ps);
+    if (page_no + 1 < pages && p.layout != kLayoutTokenMajor) {
+      // Pages are scattered in memory, so the hardware prefetcher cannot see the next one coming.
+      const float* next = page_base(page_no + 1) + 2 * it.head * ps * D;
+      for (int64_t i = 0; i < 2 * ps * D; i += 16) __builtin_prefetch(next + i);
+    }
+    const int64_t page_keys = std::min<int64_t>(ps, it.prior - page_no * ps);
+    for (int64_t j0 = 0; j0 < page_keys; j0 += kLanes) {
+      const int64_t nk = std::min(kLanes, page_keys - j0);
+      Chunk c{nullptr, kLanes, v + j0 * v_stride, v_stride, nk, page_no * ps + j0};
+      if (in_place) {
+        c.kt = k + j0;  // K^T rows are page_size floats apart
+        c.kt_stride = ps;
+      } else if (p.layout == kLayoutHeadMajorKT) {
+        // Pages narrower than a chunk: K^T [D, ps] has ps floats per row; copy the lanes over.
+        float* kt = st.kt.data();
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t j = 0; j < kLanes; ++j) kt[d * kLanes + j] = j < nk ? k[d * ps + j0 + j] : 0.0f;
+        c.kt = kt;
+      } else {
+        c.kt = transpose_keys(st, D, k + j0 * k_stride, k_stride, nk);
+      }
+      fold_chunk<kD>(p, it, st, c);
+    }
   }
 
   // 2. The step's own tokens of this sequence, up to the block's last token.
   const int64_t own_end = it.t1 - it.seq_start;  // keys [0, own_end) of this sequence's new tokens
   int64_t own_start = 0;
   if (p.window > 0) own_start = std::max<int64_t>(0, first_pos - p.window + 1 - it.prior);
-  for (int64_t j0 = own_start; j0 < own_end; j0 += kKeyChunk) {
-    const int64_t nk = std::min(kKeyChunk, own_end - j0);
+  const int64_t stride = p.kv_heads * D;
+  for (int64_t j0 = own_start; j0 < own_end; j0 += kLanes) {
+    const int64_t nk = std::min(kLanes, own_end - j0);
     const int64_t row = (it.seq_start + j0) * p.kv_heads + it.head;
-    fold_keys<kD>(p, it, st, p.k_new + row * D, p.v_new + row * D, p.kv_heads * D, nk, it.prior + j0);
+    const Chunk c{transpose_keys(st, D, p.k_new + row * D, stride, nk), kLanes, p.v_new + row * D, stride, nk,
+                  it.prior + j0};
+    fold_chunk<kD>(p, it, st, c);
   }
 
   for (int64_t i = 0; i < nt; ++i)
@@ -196,12 +273,14 @@ ffi::Error PagedAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, 
                               ffi::AnyBuffer cache, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> kv_lens,
                               ffi::Buffer<ffi::S32> page_indices, ffi::Buffer<ffi::S32> cu_q_lens,
                               ffi::Buffer<ffi::S32> num_seqs, ffi::ResultBuffer<ffi::F32> out, float sm_scale,
-                              int64_t sliding_window, float soft_cap, bool head_major) {
+                              int64_t sliding_window, float soft_cap, int64_t layout) {
   const auto qd = q.dimensions(), kd = k.dimensions(), cd = cache.dimensions(), pd = page_indices.dimensions();
   if (qd.size() != 3 || kd.size() != 3 || cd.size() != 5 || pd.size() != 2)
     return ffi::Error::InvalidArgument("paged attention: q, k [T, heads, D], cache rank 5, page_indices rank 2");
   if (cache.element_type() != ffi::F32)
     return ffi::Error::InvalidArgument("paged attention: the CPU kernel takes a float32 cache");
+  if (layout < kLayoutTokenMajor || layout > kLayoutHeadMajorKT)
+    return ffi::Error::InvalidArgument("paged attention: unknown cache layout");
   Problem p{};
   p.q = q.typed_data();
   p.k_new = k.typed_data();
@@ -217,14 +296,15 @@ ffi::Error PagedAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, 
   p.kv_heads = kd[1];
   p.num_layers = cd[0];
   p.num_pages = cd[1];
-  p.head_major = head_major;
-  p.page_size = head_major ? cd[3] : cd[2];
+  p.layout = layout;
+  const bool token_major = layout == kLayoutTokenMajor;
+  p.page_size = token_major ? cd[2] : cd[3];
   p.pages_per_seq = pd[1];
   p.sm_scale = sm_scale;
   p.soft_cap = soft_cap;
   p.window = sliding_window;
-  if (p.kv_heads <= 0 || p.q_heads % p.kv_heads != 0 || (head_major ? cd[2] : cd[3]) != 2 * p.kv_heads ||
-      cd[4] != p.head_dim || kd[0] != p.num_tokens || kd[2] != p.head_dim || p.page_size > kMaxChunk)
+  if (p.kv_heads <= 0 || p.q_heads % p.kv_heads != 0 || (token_major ? cd[3] : cd[2]) != 2 * p.kv_heads ||
+      cd[4] != p.head_dim || kd[0] != p.num_tokens || kd[2] != p.head_dim)
     return ffi::Error::InvalidArgument("paged attention: inconsistent shapes");
   p.group = p.q_heads / p.kv_heads;
   p.layer = std::clamp<int64_t>(layer.typed_data()[0], 0, p.num_layers - 1);
@@ -279,4 +359,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedAttentionF32, PagedAttentionImpl,
                                   .Attr<float>("sm_scale")
                                   .Attr<int64_t>("sliding_window")
                                   .Attr<float>("soft_cap")
-                                  .Attr<bool>("head_major"));
+                                  .Attr<int64_t>("layout"));

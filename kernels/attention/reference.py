@@ -58,10 +58,12 @@ def write_kv(kv_pages, layer, k, v, page_indices, seq, pos, valid):
     return flat.reshape(kv_pages.shape)
 
 
-def write_kv_layers(kv_pages, kv_new, page_indices, seq, pos, valid):
+def write_kv_layers(kv_pages, kv_new, page_indices, seq, pos, valid, *, k_transposed: bool = False):
     """Scatter every layer's new K/V (`[layers, T, 2 * kv_heads, head_dim]`, as `interleave_kv` makes
-    them) into a head-major cache (`[layers, pages, 2 * kv_heads, page_size, head_dim]`, the jnp path's
-    layout, see `attend`) in one go. Padding rows go to row `layers * pages` and are dropped."""
+    them) into a head-major cache (`[layers, pages, 2 * kv_heads, page_size, head_dim]`, the CPU path's
+    layout, see `attend`) in one go. Padding rows go to row `layers * pages` and are dropped.
+    `k_transposed`: store each page's K block as K^T (`[head_dim, page_size]` in the same floats), the
+    layout the native CPU kernel reads in place (`cpu.attend(k_transposed=True)`); V is unchanged."""
     num_layers, num_pages, two_heads, page_size, head_dim = kv_pages.shape
     page = page_indices[seq, pos // page_size]
     layer_rows = jnp.arange(num_layers, dtype=jnp.int32)[:, None] * num_pages
@@ -71,8 +73,15 @@ def write_kv_layers(kv_pages, kv_new, page_indices, seq, pos, valid):
     # Only finite values go in, so readers may skip masking stale slots (`attend(cache_is_finite=True)`):
     # a request whose activations overflowed must not poison the pages the next one gets.
     kv_new = jnp.nan_to_num(kv_new.astype(kv_pages.dtype))
-    flat = flat.at[rows[:, :, None], heads[None, None, :], (pos % page_size)[None, :, None]].set(
-        kv_new, mode="drop")
+    slot = (pos % page_size)[None, :, None]
+    if not k_transposed:
+        flat = flat.at[rows[:, :, None], heads[None, None, :], slot].set(kv_new, mode="drop")
+        return flat.reshape(kv_pages.shape)
+    k_heads = heads[None, None, 0::2]
+    transposed = flat.reshape(num_layers * num_pages, two_heads, head_dim, page_size)
+    transposed = transposed.at[rows[:, :, None], k_heads, :, slot].set(kv_new[:, :, 0::2], mode="drop")
+    flat = transposed.reshape(flat.shape)
+    flat = flat.at[rows[:, :, None], k_heads + 1, slot].set(kv_new[:, :, 1::2], mode="drop")
     return flat.reshape(kv_pages.shape)
 
 

@@ -81,12 +81,13 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--attention-backend", default="auto", choices=("auto", "cpu", "reference"))
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "bf16"))
     args = parser.parse_args()
 
     batch = build_batch(args.mode, args.seqs, args.tokens, args.context)
     runner = ModelRunner(default_model_dir(), dtype="float32", page_size=16, attention_backend=args.attention_backend,
                          max_running_requests=64, max_step_tokens=512, context_length=8192,
-                         max_total_tokens=96 * 512, mem_fraction_static=None)
+                         max_total_tokens=96 * 512, mem_fraction_static=None, kv_cache_dtype=args.kv_cache_dtype)
     runner.run(batch)
     times = []
     cpu_start = time.process_time()

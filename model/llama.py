@@ -160,11 +160,6 @@ class LlamaForCausalLM(nnx.Module):
         return resolve_backend(self.attention_backend, head_dim=cfg.head_dim, page_size=page_size,
                                num_kv_heads=cfg.num_kv_heads, dtype=kv_dtype)[0]
 
-    def uses_kernel_attention(self, kv_dtype, page_size: int) -> bool:
-        """Whether the attention backend resolves to a Pallas kernel (which writes the cache per layer);
-        the jnp reference and the native CPU kernel take the read-only path (`deferred_kv`)."""
-        return self.attention_impl(kv_dtype, page_size) in ("tpu", "gpu")
-
     def hidden_states(self, input_ids, positions, kv_pages, meta: AttentionMetadata, layers=None,
                       deferred_kv: bool = False, rope=None):
         """Scan over the stacked layers (compile time independent of depth), or, given `layers`, an

@@ -77,7 +77,7 @@ class Engine:
         step_tokens = min(args.max_prefill_tokens, self.chunked_prefill_size if chunk > 0 else args.max_prefill_tokens)
         self.max_step_tokens = max(step_tokens, self.max_running_requests)
         self.runner = ModelRunner(
-            self.model_dir, dtype=args.dtype, page_size=args.page_size,
+            self.model_dir, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, page_size=args.page_size,
             attention_backend=args.attention_backend, max_running_requests=self.max_running_requests,
             max_step_tokens=self.max_step_tokens, context_length=args.context_length,
             max_total_tokens=args.max_total_tokens, mem_fraction_static=args.mem_fraction_static,

@@ -31,7 +31,7 @@ from serving.sampler import SamplingBatch, sample
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": jnp.float32, "float": jnp.float32, "bfloat16": jnp.bfloat16,
+_DTYPES = {"float32": jnp.float32, "float": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
            "float16": jnp.float16, "half": jnp.float16}
 
 
@@ -91,10 +91,11 @@ class ModelRunner:
     def __init__(self, model_dir: Path, *, dtype: str, page_size: int, attention_backend: str,
                  max_running_requests: int, max_step_tokens: int, context_length: int | None,
                  max_total_tokens: int | None, mem_fraction_static: float | None,
-                 unroll_layers: bool | None = None):
+                 unroll_layers: bool | None = None, kv_cache_dtype: str = "auto"):
         self.model_dir = Path(model_dir)
         self.config = ModelConfig.from_dir(self.model_dir)
         self.dtype = resolve_dtype(dtype, self.config)
+        self.kv_dtype = self.dtype if kv_cache_dtype == "auto" else _DTYPES[kv_cache_dtype]
         self.context_length = context_length or self.config.max_position_embeddings
         inv_freq, attention_factor = rope_inverse_frequencies(self.config.head_dim, self.config.rope_theta,
                                                               self.config.rope_scaling)
@@ -117,9 +118,14 @@ class ModelRunner:
         # With the jnp attention the step only reads the (head-major) cache and a second jit, donating
         # it, writes the step's K/V: one jit doing both made XLA:CPU copy the whole cache every step.
         # The Pallas kernels write their token-major cache in place inside the step.
-        self.deferred_kv = not abstract.uses_kernel_attention(self.dtype, page_size)
+        attention_impl = abstract.attention_impl(self.kv_dtype, page_size)
+        self.deferred_kv = attention_impl not in ("tpu", "gpu")
+        if not self.deferred_kv and self.kv_dtype != self.dtype:
+            raise ValueError(f"--kv-cache-dtype {kv_cache_dtype} with a {jnp.dtype(self.dtype).name} model: the "
+                             f"{attention_impl.upper()} attention kernel takes q, k, v and the cache in one dtype; "
+                             "use --dtype bfloat16 or --attention-backend reference")
         self.kv_spec: KVCacheSpec = plan_kv_cache(
-            self.config, page_size=page_size, dtype=self.dtype, weight_bytes=self.weight_bytes,
+            self.config, page_size=page_size, dtype=self.kv_dtype, weight_bytes=self.weight_bytes,
             max_total_tokens=max_total_tokens, mem_fraction_static=mem_fraction_static,
             max_running_requests=max_running_requests, context_length=self.context_length,
             head_major=self.deferred_kv,
@@ -130,12 +136,13 @@ class ModelRunner:
         step = partial(_step, self.graphdef, self._layer_graphdef, abstract_layers, self.deferred_kv,
                        self._param_treedef)
         self._step = jax.jit(step) if self.deferred_kv else jax.jit(step, donate_argnums=(1,))
-        k_transposed = abstract.attention_impl(self.dtype, page_size) == "cpu"
+        k_transposed = attention_impl == "cpu"
         self._write_kv = jax.jit(partial(_write_kv, k_transposed), donate_argnums=(0,))
         logger.info(
-            "Model %s loaded: %s, %.1f MB of weights; KV cache %d pages x %d tokens (%.1f MB)",
+            "Model %s loaded: %s, %.1f MB of weights; KV cache %d pages x %d tokens, %s (%.1f MB); attention: %s",
             self.config.architecture, jnp.dtype(self.dtype).name, self.weight_bytes / 1e6,
-            self.kv_spec.num_pages, page_size, self.kv_spec.total_bytes / 1e6,
+            self.kv_spec.num_pages, page_size, jnp.dtype(self.kv_dtype).name, self.kv_spec.total_bytes / 1e6,
+            attention_impl,
         )
 
     @property

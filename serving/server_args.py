@@ -29,6 +29,8 @@ LOG_LEVEL_CHOICES = ("debug", "info", "warning", "error", "critical")
 SCHEDULE_POLICY_CHOICES = ("fcfs", "lpm")
 BACKEND_CHOICES = ("auto", "pallas", "reference")
 ATTENTION_BACKEND_CHOICES = ("auto", "pallas", "cpu", "reference")
+KV_CACHE_DTYPE_CHOICES = ("auto", "bf16", "bfloat16")
+KV_CACHE_DTYPES_LATER = ("fp8_e5m2", "fp8_e4m3", "fp4_e2m1")  # SGLang's other choices
 EXPERT_RECORDER_MODE_CHOICES = ("stat", "per_pass", "per_token")
 SAMPLING_DEFAULTS_CHOICES = ("model", "openai")
 
@@ -68,6 +70,10 @@ class ServerArgs:
         None, "Name reported by /v1/models and metrics; omitted = the model path.", type=str)
     weight_version: str = _arg("default", "Initial weight version string.", type=str)
     dtype: str = _arg("auto", "Weight and activation dtype.", type=str, choices=DTYPE_CHOICES)
+    kv_cache_dtype: str = _arg(
+        "auto", "KV cache dtype: auto (the model's dtype) or bf16 / bfloat16 (half the cache memory and "
+        "the bytes attention reads; keys and values rounded to bfloat16).", type=str,
+        choices=KV_CACHE_DTYPE_CHOICES + KV_CACHE_DTYPES_LATER)
 
     # HTTP server
     host: str = _arg("127.0.0.1", "Bind address.", type=str)
@@ -139,6 +145,10 @@ class ServerArgs:
         if isinstance(self.log_level, str):
             self.log_level = self.log_level.lower()
         self._check_choice("dtype", DTYPE_CHOICES)
+        if self.kv_cache_dtype in KV_CACHE_DTYPES_LATER:
+            raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported yet; use one of "
+                             f"{', '.join(KV_CACHE_DTYPE_CHOICES)}.")
+        self._check_choice("kv_cache_dtype", KV_CACHE_DTYPE_CHOICES)
         self._check_choice("log_level", LOG_LEVEL_CHOICES)
         self._check_choice("schedule_policy", SCHEDULE_POLICY_CHOICES)
         self._check_choice("attention_backend", ATTENTION_BACKEND_CHOICES)

@@ -300,7 +300,7 @@ def test_reference_and_fallback_head_dim(rng):
 
 def test_backend_resolution():
     cases = {
-        ("auto", "cpu"): ("reference", False),
+        ("auto", "cpu"): ("cpu", False),  # the native CPU kernel (tests/test_cpu_attention.py)
         ("reference", "tpu"): ("reference", False),
         ("auto", "tpu"): ("tpu", False),
         ("auto", "gpu"): ("gpu", False),

@@ -31,30 +31,32 @@ def test_kernel_builds_where_a_compiler_is():
 
 
 def test_backend_resolution_falls_back_with_a_reason():
-    assert resolve_backend("auto", head_dim=64, page_size=16, dtype=jnp.bfloat16, platform="cpu") == (
+    assert resolve_backend("auto", head_dim=64, page_size=16, dtype=jnp.float16, platform="cpu") == (
         "reference", False)
     assert resolve_backend("reference", head_dim=64, page_size=16, dtype=jnp.float32, platform="cpu") == (
         "reference", False)
-    assert cpu.unsupported_reason(page_size=16, dtype=jnp.bfloat16, platform="cpu") == (
-        "it takes a float32 KV cache, not bfloat16")
+    assert cpu.unsupported_reason(page_size=16, dtype=jnp.float16, platform="cpu") == (
+        "it takes a float32 or bfloat16 KV cache, not float16")
     assert "not tpu" in cpu.unsupported_reason(page_size=16, dtype=jnp.float32, platform="tpu")
 
 
 needs_kernel = pytest.mark.skipif(not BUILDABLE, reason="the CPU kernel needs a C++ compiler on Linux")
 
-# (kinds of sequences, kv heads, group, head_dim, page_size, options)
+# (kinds of sequences, kv heads, group, head_dim, page_size, dtype, options)
 CASES = [
-    (["decode", "prefill", "chunk", "aligned", "aligned_end"], 3, 3, 64, 16, {}),
-    (["decode"] * 5, 2, 4, 128, 8, {}),
-    (["prefill", "chunk"], 1, 1, 32, 4, dict(sliding_window=5, soft_cap=3.0)),
-    (["chunk", "decode", "aligned"], 2, 2, 64, 32, dict(sliding_window=21)),
-    (["prefill"], 1, 8, 96, 4, dict(soft_cap=20.0)),
+    (["decode", "prefill", "chunk", "aligned", "aligned_end"], 3, 3, 64, 16, jnp.float32, {}),
+    (["decode"] * 5, 2, 4, 128, 8, jnp.float32, {}),
+    (["prefill", "chunk"], 1, 1, 32, 4, jnp.float32, dict(sliding_window=5, soft_cap=3.0)),
+    (["chunk", "decode", "aligned"], 2, 2, 64, 32, jnp.float32, dict(sliding_window=21)),
+    (["prefill"], 1, 8, 96, 4, jnp.float32, dict(soft_cap=20.0)),
+    (["decode", "chunk", "aligned_end"], 3, 3, 64, 16, jnp.bfloat16, {}),
+    (["prefill", "decode"], 2, 2, 128, 8, jnp.bfloat16, dict(sliding_window=9)),
 ]
 
 
 @needs_kernel
-@pytest.mark.parametrize("kinds,kv_heads,group,head_dim,page_size,options", CASES)
-def test_kernel_matches_the_oracle(rng, kinds, kv_heads, group, head_dim, page_size, options):  # noqa: F811
+@pytest.mark.parametrize("kinds,kv_heads,group,head_dim,page_size,dtype,options", CASES)
+def test_kernel_matches_the_oracle(rng, kinds, kv_heads, group, head_dim, page_size, dtype, options):  # noqa: F811
     """Through the entry (`backend="cpu"`: the kernel reads a token-major cache; the entry writes it)."""
     lens = random_lens(rng, page_size, kinds)
     # Long enough that a query block (16 tokens) and several pages are crossed.
@@ -63,19 +65,20 @@ def test_kernel_matches_the_oracle(rng, kinds, kv_heads, group, head_dim, page_s
     pages_per_seq = max(-(-(c + n) // page_size) for c, n in lens) + 2
     case = make_case(rng, lens, max_seqs=len(lens) + 2, num_tokens=num_tokens, num_kv_heads=kv_heads, group=group,
                      head_dim=head_dim, page_size=page_size, pages_per_seq=pages_per_seq,
-                     num_pages=pages_per_seq * (len(lens) + 1), dtype=jnp.float32)
+                     num_pages=pages_per_seq * (len(lens) + 1), dtype=dtype)
     options = dict(sm_scale=float(head_dim) ** -0.5, **options)
     out, cache = jax.jit(functools.partial(ragged_paged_attention, backend="cpu", **options))(*case.args())
-    expected = check(case, np.asarray(out), np.asarray(cache), **options, what="cpu kernel")
+    f32 = lambda x: np.asarray(x.astype(jnp.float32))  # noqa: E731
+    expected = check(case, f32(out), f32(cache), **options, what="cpu kernel")
     # The read-only, head-major entry the CPU serving path uses, against the jnp reference's.
     clean = case.clean_args()
     head_major = clean[3].transpose(0, 1, 3, 2, 4)
     args = (*clean[:3], head_major, *clean[4:])
-    got = jax.jit(functools.partial(cpu.attend, **options))(*args)
-    want = jax.jit(functools.partial(attend, **options))(*args)
-    tol = TOLERANCE[jnp.float32]
-    assert np.abs(np.asarray(got) - np.asarray(want)).max() <= tol, f"seed={case.seed}"
-    assert np.abs(np.asarray(got) - expected).max() <= tol, f"seed={case.seed}"
+    got = f32(jax.jit(functools.partial(cpu.attend, **options))(*args))
+    want = f32(jax.jit(functools.partial(attend, **options))(*args))
+    tol = TOLERANCE[dtype]
+    assert np.abs(got - want).max() <= tol, f"seed={case.seed}"
+    assert np.abs(got - expected).max() <= tol, f"seed={case.seed}"
 
 
 @needs_kernel
@@ -104,8 +107,9 @@ def test_kernel_under_a_layer_scan_and_padding(rng):  # noqa: F811
 
 
 @needs_kernel
-@pytest.mark.parametrize("page_size", [8, 16, 32])
-def test_serving_layout_with_transposed_keys(rng, page_size):  # noqa: F811
+@pytest.mark.parametrize("page_size,dtype", [(8, jnp.float32), (16, jnp.float32), (32, jnp.float32),
+                                             (16, jnp.bfloat16)])
+def test_serving_layout_with_transposed_keys(rng, page_size, dtype):  # noqa: F811
     """The CPU serving path: `write_kv_layers(k_transposed=True)` writes, `attend(k_transposed=True)` reads
     (in place for pages of 16 or more tokens, through a copy below that); same outputs as the reference
     reading the plain head-major cache written from the same K/V."""
@@ -118,7 +122,7 @@ def test_serving_layout_with_transposed_keys(rng, page_size):  # noqa: F811
                      head_dim=head_dim, page_size=page_size, pages_per_seq=10, num_pages=48, dtype=jnp.float32,
                      num_layers=num_layers)
     q, k, v, cache, _, kv_lens, pages, cu, num_seqs = case.clean_args()
-    head_major = jnp.zeros_like(cache.transpose(0, 1, 3, 2, 4))
+    head_major = jnp.zeros(cache.transpose(0, 1, 3, 2, 4).shape, dtype)  # a bfloat16 cache under float32 q/k/v
     # Every cached position of every layer gets random K/V through the writer under test.
     context = jnp.asarray(rng.standard_normal((num_layers, num_tokens, 2 * kv_heads, head_dim)), jnp.float32)
     prior_q = jnp.asarray([c for c, _ in lens] + [0] * (5 - len(lens)), jnp.int32)
@@ -132,7 +136,7 @@ def test_serving_layout_with_transposed_keys(rng, page_size):  # noqa: F811
         err = np.abs(np.asarray(got) - np.asarray(want)).max()
         assert err <= TOLERANCE[jnp.float32], f"layer {layer}: {err} seed={case.seed}"
     # V is stored as in the plain layout; K blocks hold the same values, transposed.
-    plain, kt = np.asarray(written[False]), np.asarray(written[True])
+    plain, kt = (np.asarray(written[kt].astype(jnp.float32)) for kt in (False, True))
     np.testing.assert_array_equal(plain[:, :, 1::2], kt[:, :, 1::2])
     shape = plain[:, :, 0::2].shape
     np.testing.assert_array_equal(plain[:, :, 0::2].swapaxes(-1, -2).reshape(shape), kt[:, :, 0::2])

@@ -1,5 +1,6 @@
-"""The runner's compiled step on the jnp-attention path: the cache is only read inside the step and
-written in place by the separate write jit (a copy of the cache made every step grow with the pool)."""
+"""The runner's compiled step on the CPU path (the native kernel or the jnp reference): the cache is only
+read inside the step and written in place by the separate write jit (a copy of the cache made every step
+grow with the pool)."""
 
 from __future__ import annotations
 
@@ -7,22 +8,29 @@ import re
 
 import jax
 import numpy as np
+import pytest
 
 from serving.runner import HostBatch, ModelRunner
 
 
 def _cache_shaped_results(hlo: str, shape: tuple[int, ...]) -> list[str]:
     """Instructions (other than parameters) that produce an array of the cache's shape."""
-    pattern = re.compile(r"= f32\[" + ",".join(map(str, shape)) + r"\]\S* (\S+)\(")
+    pattern = re.compile(r"= (?:f32|bf16)\[" + ",".join(map(str, shape)) + r"\]\S* (\S+)\(")
     return [line.strip() for line in hlo.splitlines()
             if (m := pattern.search(line)) and m.group(1) != "parameter"]
 
 
-def test_step_reads_the_cache_and_the_write_is_in_place(tiny_llama_dir):
-    runner = ModelRunner(tiny_llama_dir, dtype="float32", page_size=4, attention_backend="reference",
-                         max_running_requests=4, max_step_tokens=16, context_length=64, max_total_tokens=256,
-                         mem_fraction_static=None)
+def _runner(model_dir, backend, kv_cache_dtype="auto"):
+    return ModelRunner(model_dir, dtype="float32", page_size=4, attention_backend=backend, max_running_requests=4,
+                       max_step_tokens=16, context_length=64, max_total_tokens=256, mem_fraction_static=None,
+                       kv_cache_dtype=kv_cache_dtype)
+
+
+@pytest.mark.parametrize("backend,kv_cache_dtype", [("reference", "auto"), ("cpu", "auto"), ("cpu", "bf16")])
+def test_step_reads_the_cache_and_the_write_is_in_place(tiny_llama_dir, backend, kv_cache_dtype):
+    runner = _runner(tiny_llama_dir, backend, kv_cache_dtype)
     assert runner.deferred_kv and runner.kv_spec.head_major
+    assert runner.kv_pages.dtype == ("bfloat16" if kv_cache_dtype == "bf16" else "float32")
     shape = runner.kv_spec.shape
     assert runner.kv_pages.shape == shape
     host = HostBatch(np.arange(1, 8, dtype=np.int32), np.array([0, 1, 2, 3, 4, 0, 1], np.int32),
@@ -41,7 +49,10 @@ def test_step_reads_the_cache_and_the_write_is_in_place(tiny_llama_dir):
     runner.reset_kv_cache()
     first = runner.run(HostBatch(np.array([3, 4, 5], np.int32), np.array([0, 1, 2], np.int32),
                                  np.array([3], np.int32), [[1]], np.array([3], np.int32), {}))
-    cache = np.asarray(runner.kv_pages)
+    cache = np.array(runner.kv_pages.astype("float32"))
+    if backend == "cpu":  # the native kernel's layout stores K blocks transposed: undo that to look
+        layers, pages, heads, page_size, head_dim = cache.shape
+        cache[:, :, 0::2] = cache[:, :, 0::2].reshape(layers, pages, heads // 2, head_dim, page_size).swapaxes(-1, -2)
     assert np.abs(cache[:, 1, :, :3]).sum(axis=(0, 1, 3)).all()  # page 1, slots 0-2 written in every layer
     assert not cache[:, 1, :, 3].any() and not cache[:, 0].any()
     assert first.shape == (1,)
@@ -61,3 +72,25 @@ def test_the_serving_cache_only_receives_finite_values():
     assert bool(jnp.isfinite(out).all())
     assert float(out[:, 1, :, 1].min()) > 1e30 and not out[:, 1, :, 0].any()  # inf clipped, NaN -> 0
     assert not out[:, 0].any() and not out[:, 2].any()
+
+
+def test_bfloat16_kv_cache_native_kernel_matches_the_reference(tiny_llama_dir):
+    """`--kv-cache-dtype bf16`: the native kernel and the jnp reference, both over a bfloat16 cache, pick
+    the same greedy tokens over a prefill and several decode steps (two sequences, one mid-page)."""
+    outputs = {}
+    for backend in ("cpu", "reference"):
+        runner = _runner(tiny_llama_dir, backend, "bf16")
+        prompts, pages = [[5, 9, 2, 7, 1, 3], [4, 8]], [[0, 1, 2], [3, 4]]
+        lens = [len(p) for p in prompts]
+        ids = np.array(prompts[0] + prompts[1], np.int32)
+        positions = np.array(list(range(lens[0])) + list(range(lens[1])), np.int32)
+        tokens = runner.run(HostBatch(ids, positions, np.array(lens, np.int32), pages, np.array(lens, np.int32), {}))
+        out = [tokens.tolist()]
+        for _ in range(5):
+            positions = np.array(lens, np.int32)
+            lens = [n + 1 for n in lens]
+            tokens = runner.run(HostBatch(tokens.astype(np.int32), positions, np.array(lens, np.int32), pages,
+                                          np.ones(2, np.int32), {}))
+            out.append(tokens.tolist())
+        outputs[backend] = out
+    assert outputs["cpu"] == outputs["reference"]

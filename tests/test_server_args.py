@@ -19,7 +19,7 @@ def test_defaults_follow_sglang(monkeypatch):
     assert args == ServerArgs()
     expected = {
         "model_path": None, "tokenizer_path": None, "host": "127.0.0.1", "port": 30000, "log_level": "info",
-        "dtype": "auto", "context_length": None, "page_size": 16, "max_running_requests": None,
+        "dtype": "auto", "kv_cache_dtype": "auto", "context_length": None, "page_size": 16, "max_running_requests": None,
         "max_queued_requests": None, "max_total_tokens": None, "mem_fraction_static": None,
         "chunked_prefill_size": None, "max_prefill_tokens": 16384, "schedule_policy": "fcfs",
         "disable_radix_cache": False, "random_seed": None, "skip_server_warmup": False,
@@ -69,6 +69,7 @@ def test_notebook_launch_command_parses():
         (["--chunked-prefill-size", "512"], "chunked_prefill_size", 512),
         (["--page-size", "1"], "page_size", 1),
         (["--dtype", "bfloat16"], "dtype", "bfloat16"),
+        (["--kv-cache-dtype", "bf16"], "kv_cache_dtype", "bf16"),
         (["--schedule-policy", "lpm"], "schedule_policy", "lpm"),
         (["--attention-backend", "reference"], "attention_backend", "reference"),
         (["--moe-backend", "pallas"], "moe_backend", "pallas"),
@@ -144,6 +145,9 @@ def test_preferred_sampling_params_parsed():
         ({"preferred_sampling_params": '{"top_p": 0}'}, "preferred_sampling_params: top_p must be in (0, 1], got 0."),
         ({"dtype": "int8"}, "dtype must be one of auto, half, float16, bfloat16, float, float32; got 'int8'."),
         ({"schedule_policy": "random"}, "schedule_policy must be one of fcfs, lpm; got 'random'."),
+        ({"kv_cache_dtype": "fp8_e5m2"}, "kv_cache_dtype 'fp8_e5m2' is not supported yet; use one of auto, bf16, "
+         "bfloat16."),
+        ({"kv_cache_dtype": "int8"}, "kv_cache_dtype must be one of auto, bf16, bfloat16; got 'int8'."),
         ({"attention_backend": "triton"}, "attention_backend must be one of auto, pallas, cpu, reference; got 'triton'."),
         ({"moe_backend": "x"}, "moe_backend must be one of auto, pallas, reference; got 'x'."),
         ({"log_level": "verbose"}, "log_level must be one of debug, info, warning, error, critical; got 'verbose'."),

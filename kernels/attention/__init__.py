@@ -7,7 +7,7 @@ implementation (the server's `--attention-backend`):
 - "auto": the TPU kernel on TPU, the GPU kernel on NVIDIA GPUs, the native CPU kernel elsewhere (the
   reference where that kernel does not build or take the configuration);
 - "pallas": the platform's kernel; on CPU the GPU kernel in interpret mode (slow, for debugging);
-- "cpu": the native CPU kernel (`cpu_attention.cc`, built on first use, see `cpu.py`), float32 caches;
+- "cpu": the native CPU kernel (`cpu_attention.cc`, built on first use, see `cpu.py`), float32 or bfloat16 caches;
 - "reference": the plain-jnp reference (`reference.py`);
 - "pallas_tpu" / "pallas_gpu": that kernel, in interpret mode off its own platform (tests, benchmarks).
 

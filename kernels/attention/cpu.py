@@ -36,6 +36,7 @@ _TARGET = "pallas_serve_paged_attention_cpu"
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
           "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC"]
 
+CACHE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -70,7 +71,13 @@ def _build(compiler: str) -> Path:
     library = cache_dir() / "kernels" / f"cpu_attention-{key}.so"
     if library.exists():
         return library
-    library.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        library.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home, say: build per user under the temp directory instead
+        library = Path(tempfile.gettempdir()) / f"pallas-serve-{os.getuid()}" / library.name
+        if library.exists():
+            return library
+        library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
         built = Path(tmp) / library.name
         command = [compiler, *_FLAGS, "-I", jax.ffi.include_dir(), str(_SOURCE), "-o", str(built)]
@@ -106,8 +113,8 @@ def unsupported_reason(*, page_size: int, dtype, platform: str) -> str | None:
     """None when the kernel is ready to take this configuration here, else why not."""
     if platform != "cpu":
         return f"it runs on the CPU, not {platform}"
-    if jnp.dtype(dtype) != jnp.float32:
-        return f"it takes a float32 KV cache, not {jnp.dtype(dtype).name}"
+    if jnp.dtype(dtype) not in CACHE_DTYPES:
+        return f"it takes a float32 or bfloat16 KV cache, not {jnp.dtype(dtype).name}"
     return _load()
 
 
@@ -123,13 +130,13 @@ def _call(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs, 
           soft_cap, layout: str):
     if _load() is not None:
         raise RuntimeError(f"the CPU attention kernel is unavailable: {_state['error']}")
-    if kv_pages.dtype != jnp.float32:
-        raise ValueError(f"the CPU attention kernel takes a float32 cache, got {kv_pages.dtype}")
-    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    if kv_pages.dtype not in CACHE_DTYPES:
+        raise ValueError(f"the CPU attention kernel takes a float32 or bfloat16 cache, got {kv_pages.dtype}")
     i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
     # As the reference: the step's own K/V are rounded to the cache dtype (a no-op for float32).
+    own = lambda x: x.astype(kv_pages.dtype).astype(jnp.float32)  # noqa: E731
     out = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")(
-        f32(q), f32(k), f32(v), kv_pages, i32(layer).reshape(1), i32(kv_lens), i32(page_indices), i32(cu_q_lens),
+        q.astype(jnp.float32), own(k), own(v), kv_pages, i32(layer).reshape(1), i32(kv_lens), i32(page_indices), i32(cu_q_lens),
         i32(num_seqs).reshape(1), sm_scale=np.float32(sm_scale), sliding_window=np.int64(sliding_window or 0),
         soft_cap=np.float32(soft_cap or 0.0), layout=np.int64(LAYOUTS[layout]))
     return out.astype(q.dtype)

@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -66,7 +67,7 @@ struct Problem {
   const float* q;        // [T, Hq, D]
   const float* k_new;    // [T, Hkv, D]
   const float* v_new;    // [T, Hkv, D]
-  const float* cache;    // [L, P, ...] in `layout`
+  const void* cache;     // [L, P, ...] in `layout`, float32 or bfloat16
   const int32_t* kv_lens;
   const int32_t* page_indices;  // [S, pages_per_seq]
   const int32_t* cu_q_lens;     // [S + 1]
@@ -85,9 +86,10 @@ struct Item {
 // Online-softmax state and scratch of one work item.
 struct State {
   std::vector<float> q, m, l, acc, kt;
+  std::vector<float> v;  // a bfloat16 chunk's V rows, widened
   explicit State(const Problem& p)
       : q(kQueryBlock * p.group * p.head_dim), m(kQueryBlock * p.group), l(kQueryBlock * p.group),
-        acc(kQueryBlock * p.group * p.head_dim), kt(p.head_dim * kLanes) {}
+        acc(kQueryBlock * p.group * p.head_dim), kt(p.head_dim * kLanes), v(kLanes * p.head_dim) {}
 };
 
 // A chunk of up to 16 keys at positions [kpos0, kpos0 + nk): K transposed (`kt[d * kt_stride + j]`,
@@ -174,15 +176,25 @@ void fold_chunk(const Problem& p, const Item& it, State& st, const Chunk& c) {
   }
 }
 
-// Transpose `nk` key rows (`stride` floats apart) into the item's buffer; unused lanes are zero.
-const float* transpose_keys(State& st, int64_t D, const float* k, int64_t stride, int64_t nk) {
+// Cache elements: float32, or bfloat16 stored as its 16 high bits.
+inline float widen(float x) { return x; }
+inline float widen(uint16_t x) {
+  const uint32_t bits = uint32_t{x} << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// Transpose `nk` key rows (`stride` elements apart) into the item's buffer; unused lanes are zero.
+template <typename T>
+const float* transpose_keys(State& st, int64_t D, const T* k, int64_t stride, int64_t nk) {
   float* kt = st.kt.data();
   for (int64_t d = 0; d < D; ++d)
-    for (int64_t j = 0; j < kLanes; ++j) kt[d * kLanes + j] = j < nk ? k[j * stride + d] : 0.0f;
+    for (int64_t j = 0; j < kLanes; ++j) kt[d * kLanes + j] = j < nk ? widen(k[j * stride + d]) : 0.0f;
   return kt;
 }
 
-template <int64_t kD>
+template <int64_t kD, typename CacheT>
 void run_item(const Problem& p, const Item& it, State& st) {
   const int64_t D = kD > 0 ? kD : p.head_dim, G = p.group, H2 = 2 * p.kv_heads, ps = p.page_size;
   const int64_t nt = it.t1 - it.t0, rows = nt * G;
@@ -204,13 +216,14 @@ void run_item(const Problem& p, const Item& it, State& st) {
   const int64_t page_floats = ps * H2 * D;
   auto page_base = [&](int64_t page_no) {
     const int64_t page = std::clamp<int64_t>(table[page_no], 0, p.num_pages - 1);
-    return p.cache + (p.layer * p.num_pages + page) * page_floats;
+    return static_cast<const CacheT*>(p.cache) + (p.layer * p.num_pages + page) * page_floats;
   };
-  const bool in_place = p.layout == kLayoutHeadMajorKT && ps % kLanes == 0;
+  constexpr bool kFloatCache = std::is_same_v<CacheT, float>;
+  const bool in_place = kFloatCache && p.layout == kLayoutHeadMajorKT && ps % kLanes == 0;
   const int64_t pages = (it.prior + ps - 1) / ps;
   for (int64_t page_no = start / ps; page_no < pages; ++page_no) {
-    const float* base = page_base(page_no);
-    const float *k, *v;
+    const CacheT* base = page_base(page_no);
+    const CacheT *k, *v;
     int64_t k_stride, v_stride;
     if (p.layout == kLayoutTokenMajor) {
       k = base + 2 * it.head * D;
@@ -223,21 +236,30 @@ void run_item(const Problem& p, const Item& it, State& st) {
     }
     if (page_no + 1 < pages && p.layout != kLayoutTokenMajor) {
       // Pages are scattered in memory, so the hardware prefetcher cannot see the next one coming.
-      const float* next = page_base(page_no + 1) + 2 * it.head * ps * D;
+      const CacheT* next = page_base(page_no + 1) + 2 * it.head * ps * D;
       for (int64_t i = 0; i < 2 * ps * D; i += 16) __builtin_prefetch(next + i);
     }
     const int64_t page_keys = std::min<int64_t>(ps, it.prior - page_no * ps);
     for (int64_t j0 = 0; j0 < page_keys; j0 += kLanes) {
       const int64_t nk = std::min(kLanes, page_keys - j0);
-      Chunk c{nullptr, kLanes, v + j0 * v_stride, v_stride, nk, page_no * ps + j0};
+      Chunk c{nullptr, kLanes, nullptr, v_stride, nk, page_no * ps + j0};
+      if constexpr (kFloatCache) {
+        c.v = v + j0 * v_stride;
+      } else {  // bfloat16: widen this chunk's V rows once
+        float* vb = st.v.data();
+        for (int64_t j = 0; j < nk; ++j)
+          for (int64_t d = 0; d < D; ++d) vb[j * D + d] = widen(v[(j0 + j) * v_stride + d]);
+        c.v = vb;
+        c.v_stride = D;
+      }
       if (in_place) {
-        c.kt = k + j0;  // K^T rows are page_size floats apart
+        c.kt = reinterpret_cast<const float*>(k) + j0;  // K^T rows are page_size floats apart
         c.kt_stride = ps;
       } else if (p.layout == kLayoutHeadMajorKT) {
-        // Pages narrower than a chunk: K^T [D, ps] has ps floats per row; copy the lanes over.
+        // K^T [D, ps], ps elements per row: copy (and widen) this chunk's lanes.
         float* kt = st.kt.data();
         for (int64_t d = 0; d < D; ++d)
-          for (int64_t j = 0; j < kLanes; ++j) kt[d * kLanes + j] = j < nk ? k[d * ps + j0 + j] : 0.0f;
+          for (int64_t j = 0; j < kLanes; ++j) kt[d * kLanes + j] = j < nk ? widen(k[d * ps + j0 + j]) : 0.0f;
         c.kt = kt;
       } else {
         c.kt = transpose_keys(st, D, k + j0 * k_stride, k_stride, nk);
@@ -277,15 +299,16 @@ ffi::Error PagedAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, 
   const auto qd = q.dimensions(), kd = k.dimensions(), cd = cache.dimensions(), pd = page_indices.dimensions();
   if (qd.size() != 3 || kd.size() != 3 || cd.size() != 5 || pd.size() != 2)
     return ffi::Error::InvalidArgument("paged attention: q, k [T, heads, D], cache rank 5, page_indices rank 2");
-  if (cache.element_type() != ffi::F32)
-    return ffi::Error::InvalidArgument("paged attention: the CPU kernel takes a float32 cache");
+  if (cache.element_type() != ffi::F32 && cache.element_type() != ffi::BF16)
+    return ffi::Error::InvalidArgument("paged attention: the CPU kernel takes a float32 or bfloat16 cache");
   if (layout < kLayoutTokenMajor || layout > kLayoutHeadMajorKT)
     return ffi::Error::InvalidArgument("paged attention: unknown cache layout");
   Problem p{};
   p.q = q.typed_data();
   p.k_new = k.typed_data();
   p.v_new = v.typed_data();
-  p.cache = reinterpret_cast<const float*>(cache.untyped_data());
+  p.cache = cache.untyped_data();
+  const bool bf16 = cache.element_type() == ffi::BF16;
   p.kv_lens = kv_lens.typed_data();
   p.page_indices = page_indices.typed_data();
   p.cu_q_lens = cu_q_lens.typed_data();
@@ -327,7 +350,12 @@ ffi::Error PagedAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, 
   std::atomic<size_t> next{0};
   auto worker = [&] {
     State st(p);
-    auto run = p.head_dim == 64 ? run_item<64> : p.head_dim == 128 ? run_item<128> : run_item<0>;
+    auto run = bf16 ? (p.head_dim == 64    ? run_item<64, uint16_t>
+                       : p.head_dim == 128 ? run_item<128, uint16_t>
+                                           : run_item<0, uint16_t>)
+                    : (p.head_dim == 64    ? run_item<64, float>
+                       : p.head_dim == 128 ? run_item<128, float>
+                                           : run_item<0, float>);
     for (size_t i = next++; i < items.size(); i = next++) run(p, items[i], st);
   };
   cpu_set_t affinity;

@@ -16,7 +16,7 @@ from flax import nnx
 
 from kernels.attention import cpu as cpu_attention
 from kernels.attention import ragged_paged_attention, resolve_backend
-from kernels.attention.reference import attend, interleave_kv, token_layout
+from kernels.attention.reference import attend, cache_value_dtype, interleave_kv, token_layout
 from model.config import ModelConfig
 from model.layers import (
     Dense,
@@ -87,7 +87,7 @@ class Attention(nnx.Module):
         options = dict(sm_scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window)
         if layout is not None:
             impl, _ = resolve_backend(backend, head_dim=cfg.head_dim, page_size=kv_pages.shape[3],
-                                      num_kv_heads=cfg.num_kv_heads, dtype=kv_pages.dtype)
+                                      num_kv_heads=cfg.num_kv_heads, dtype=cache_value_dtype(kv_pages.dtype))
             # The native kernel's cache stores K transposed (the runner writes it so, see `attention_impl`).
             read = partial(cpu_attention.attend, k_transposed=True) if impl == "cpu" else attend
             out = read(q, k, v, kv_pages, layer, *meta, layout=layout, cache_is_finite=True, **options)

@@ -21,7 +21,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from checkpoints.safetensors import load_params
-from kernels.attention.reference import write_kv_layers
+from kernels.attention.reference import cache_storage_dtype, write_kv_layers
 from model.config import ModelConfig
 from model.layers import rope_inverse_frequencies, rope_tables
 from model.llama import AttentionMetadata, KVWrite
@@ -125,7 +125,9 @@ class ModelRunner:
                              f"{attention_impl.upper()} attention kernel takes q, k, v and the cache in one dtype; "
                              "use --dtype bfloat16 or --attention-backend reference")
         self.kv_spec: KVCacheSpec = plan_kv_cache(
-            self.config, page_size=page_size, dtype=self.kv_dtype, weight_bytes=self.weight_bytes,
+            # The CPU path keeps a bfloat16 cache as uint16 bit patterns (see `cache_storage_dtype`).
+            self.config, page_size=page_size, weight_bytes=self.weight_bytes,
+            dtype=cache_storage_dtype(self.kv_dtype) if self.deferred_kv else self.kv_dtype,
             max_total_tokens=max_total_tokens, mem_fraction_static=mem_fraction_static,
             max_running_requests=max_running_requests, context_length=self.context_length,
             head_major=self.deferred_kv,

@@ -113,7 +113,7 @@ def test_serving_layout_with_transposed_keys(rng, page_size, dtype):  # noqa: F8
     """The CPU serving path: `write_kv_layers(k_transposed=True)` writes, `attend(k_transposed=True)` reads
     (in place for pages of 16 or more tokens, through a copy below that); same outputs as the reference
     reading the plain head-major cache written from the same K/V."""
-    from kernels.attention.reference import token_layout, write_kv_layers
+    from kernels.attention.reference import cache_storage_dtype, cache_values, token_layout, write_kv_layers
 
     num_layers, kv_heads, group, head_dim = 2, 2, 3, 64
     lens = random_lens(rng, page_size, ["decode", "chunk", "prefill", "aligned"])
@@ -122,7 +122,8 @@ def test_serving_layout_with_transposed_keys(rng, page_size, dtype):  # noqa: F8
                      head_dim=head_dim, page_size=page_size, pages_per_seq=10, num_pages=48, dtype=jnp.float32,
                      num_layers=num_layers)
     q, k, v, cache, _, kv_lens, pages, cu, num_seqs = case.clean_args()
-    head_major = jnp.zeros(cache.transpose(0, 1, 3, 2, 4).shape, dtype)  # a bfloat16 cache under float32 q/k/v
+    # As the runner stores it (bfloat16 as uint16 bits), under float32 q / k / v.
+    head_major = jnp.zeros(cache.transpose(0, 1, 3, 2, 4).shape, cache_storage_dtype(dtype))
     # Every cached position of every layer gets random K/V through the writer under test.
     context = jnp.asarray(rng.standard_normal((num_layers, num_tokens, 2 * kv_heads, head_dim)), jnp.float32)
     prior_q = jnp.asarray([c for c, _ in lens] + [0] * (5 - len(lens)), jnp.int32)
@@ -136,7 +137,7 @@ def test_serving_layout_with_transposed_keys(rng, page_size, dtype):  # noqa: F8
         err = np.abs(np.asarray(got) - np.asarray(want)).max()
         assert err <= TOLERANCE[jnp.float32], f"layer {layer}: {err} seed={case.seed}"
     # V is stored as in the plain layout; K blocks hold the same values, transposed.
-    plain, kt = (np.asarray(written[kt].astype(jnp.float32)) for kt in (False, True))
+    plain, kt = (np.asarray(cache_values(written[kt])) for kt in (False, True))
     np.testing.assert_array_equal(plain[:, :, 1::2], kt[:, :, 1::2])
     shape = plain[:, :, 0::2].shape
     np.testing.assert_array_equal(plain[:, :, 0::2].swapaxes(-1, -2).reshape(shape), kt[:, :, 0::2])

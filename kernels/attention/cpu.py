@@ -113,7 +113,9 @@ def unsupported_reason(*, page_size: int, dtype, platform: str) -> str | None:
     """None when the kernel is ready to take this configuration here, else why not."""
     if platform != "cpu":
         return f"it runs on the CPU, not {platform}"
-    if jnp.dtype(dtype) not in CACHE_DTYPES:
+    from kernels.attention.reference import cache_value_dtype
+
+    if cache_value_dtype(dtype) not in CACHE_DTYPES:
         return f"it takes a float32 or bfloat16 KV cache, not {jnp.dtype(dtype).name}"
     return _load()
 
@@ -130,11 +132,14 @@ def _call(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs, 
           soft_cap, layout: str):
     if _load() is not None:
         raise RuntimeError(f"the CPU attention kernel is unavailable: {_state['error']}")
-    if kv_pages.dtype not in CACHE_DTYPES:
+    from kernels.attention.reference import cache_value_dtype
+
+    value_dtype = cache_value_dtype(kv_pages.dtype)  # uint16 storage holds bfloat16
+    if value_dtype not in CACHE_DTYPES:
         raise ValueError(f"the CPU attention kernel takes a float32 or bfloat16 cache, got {kv_pages.dtype}")
     i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
     # As the reference: the step's own K/V are rounded to the cache dtype (a no-op for float32).
-    own = lambda x: x.astype(kv_pages.dtype).astype(jnp.float32)  # noqa: E731
+    own = lambda x: x.astype(value_dtype).astype(jnp.float32)  # noqa: E731
     out = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")(
         q.astype(jnp.float32), own(k), own(v), kv_pages, i32(layer).reshape(1), i32(kv_lens), i32(page_indices), i32(cu_q_lens),
         i32(num_seqs).reshape(1), sm_scale=np.float32(sm_scale), sliding_window=np.int64(sliding_window or 0),

@@ -299,7 +299,8 @@ ffi::Error PagedAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, 
   const auto qd = q.dimensions(), kd = k.dimensions(), cd = cache.dimensions(), pd = page_indices.dimensions();
   if (qd.size() != 3 || kd.size() != 3 || cd.size() != 5 || pd.size() != 2)
     return ffi::Error::InvalidArgument("paged attention: q, k [T, heads, D], cache rank 5, page_indices rank 2");
-  if (cache.element_type() != ffi::F32 && cache.element_type() != ffi::BF16)
+  // A uint16 cache holds bfloat16 bit patterns (the CPU serving path's storage, see reference.py).
+  if (cache.element_type() != ffi::F32 && cache.element_type() != ffi::BF16 && cache.element_type() != ffi::U16)
     return ffi::Error::InvalidArgument("paged attention: the CPU kernel takes a float32 or bfloat16 cache");
   if (layout < kLayoutTokenMajor || layout > kLayoutHeadMajorKT)
     return ffi::Error::InvalidArgument("paged attention: unknown cache layout");
@@ -308,7 +309,7 @@ ffi::Error PagedAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, 
   p.k_new = k.typed_data();
   p.v_new = v.typed_data();
   p.cache = cache.untyped_data();
-  const bool bf16 = cache.element_type() == ffi::BF16;
+  const bool bf16 = cache.element_type() != ffi::F32;
   p.kv_lens = kv_lens.typed_data();
   p.page_indices = page_indices.typed_data();
   p.cu_q_lens = cu_q_lens.typed_data();

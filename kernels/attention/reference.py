@@ -27,6 +27,25 @@ _NEG = -1e30
 _MAX_NEW_BLOCK = 256
 
 
+def cache_storage_dtype(dtype):
+    """What the CPU path's cache array holds for a cache of `dtype`: bfloat16 is kept as its bit patterns
+    in uint16, because XLA:CPU widens a whole bfloat16 array to float32 and back to scatter into it (and
+    materializes a bitcast of it too): a 2 GB cache cost 2 s per step that way."""
+    return jnp.dtype(jnp.uint16) if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype)
+
+
+def cache_value_dtype(dtype):
+    """The dtype of the values a cache array of (storage) `dtype` holds: inverse of `cache_storage_dtype`."""
+    return jnp.dtype(jnp.bfloat16) if jnp.dtype(dtype) == jnp.uint16 else jnp.dtype(dtype)
+
+
+def cache_values(x):
+    """Cache elements as float32 (uint16 storage holds bfloat16 bits)."""
+    if x.dtype == jnp.uint16:
+        x = jax.lax.bitcast_convert_type(x, jnp.bfloat16)
+    return x.astype(jnp.float32)
+
+
 def token_layout(kv_lens, cu_q_lens, num_seqs, num_tokens):
     """Per-token sequence id, absolute position and validity for a flat ragged batch.
 
@@ -72,7 +91,9 @@ def write_kv_layers(kv_pages, kv_new, page_indices, seq, pos, valid, *, k_transp
     flat = kv_pages.reshape(num_layers * num_pages, two_heads, page_size, head_dim)
     # Only finite values go in, so readers may skip masking stale slots (`attend(cache_is_finite=True)`):
     # a request whose activations overflowed must not poison the pages the next one gets.
-    kv_new = jnp.nan_to_num(kv_new.astype(kv_pages.dtype))
+    kv_new = jnp.nan_to_num(kv_new.astype(cache_value_dtype(kv_pages.dtype)))
+    if kv_pages.dtype == jnp.uint16:  # bfloat16 bits, see `cache_storage_dtype`
+        kv_new = jax.lax.bitcast_convert_type(kv_new, jnp.uint16)
     slot = (pos % page_size)[None, :, None]
     if not k_transposed:
         flat = flat.at[rows[:, :, None], heads[None, None, :], slot].set(kv_new, mode="drop")
@@ -170,8 +191,8 @@ def attend(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
         def cache_block(block, carry):
             pages = jax.lax.dynamic_slice_in_dim(padded, block * block_pages, block_pages, axis=1)
             k_rows = (layer * num_pages + pages[r_seq])[:, None, :] * two_heads + head_rows  # [n, H, bp]
-            kb = flat[k_rows].reshape(block_shape).astype(jnp.float32)
-            vb = flat[k_rows + 1].reshape(block_shape).astype(jnp.float32)
+            kb = cache_values(flat[k_rows]).reshape(block_shape)
+            vb = cache_values(flat[k_rows + 1]).reshape(block_shape)
             kv_pos = block * block_tokens + jnp.arange(block_tokens, dtype=jnp.int32)
             in_seq = kv_pos[None, :] < r_prior[:, None]
             mask = in_seq
@@ -204,8 +225,9 @@ def attend(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
     # Head-major, so the score and value products are plain batched matmuls (XLA:CPU transposed the
     # token-major operands first: 2.5x slower at 512 tokens).
     q_heads = qg.transpose(1, 2, 0, 3)  # [H, G, T, D]
-    k_new = k.astype(kv_pages.dtype).astype(jnp.float32).transpose(1, 0, 2)  # [H, T, D]
-    v_new = v.astype(kv_pages.dtype).astype(jnp.float32).transpose(1, 0, 2)
+    value_dtype = cache_value_dtype(kv_pages.dtype)
+    k_new = k.astype(value_dtype).astype(jnp.float32).transpose(1, 0, 2)  # [H, T, D]
+    v_new = v.astype(value_dtype).astype(jnp.float32).transpose(1, 0, 2)
     new_carry = _softmax_init((num_kv_heads, group, num_tokens), head_dim)
     new_block = min(num_tokens, _MAX_NEW_BLOCK)
     for start in range(0, num_tokens, new_block):

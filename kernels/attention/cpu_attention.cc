@@ -25,7 +25,6 @@
 #include <cstdint>
 #include <cstring>
 #include <thread>
-#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -86,24 +85,34 @@ struct Item {
 // Online-softmax state and scratch of one work item.
 struct State {
   std::vector<float> q, m, l, acc, kt;
-  std::vector<float> v;  // a bfloat16 chunk's V rows, widened
   explicit State(const Problem& p)
       : q(kQueryBlock * p.group * p.head_dim), m(kQueryBlock * p.group), l(kQueryBlock * p.group),
-        acc(kQueryBlock * p.group * p.head_dim), kt(p.head_dim * kLanes), v(kLanes * p.head_dim) {}
+        acc(kQueryBlock * p.group * p.head_dim), kt(p.head_dim * kLanes) {}
 };
 
+// Cache elements: float32, or bfloat16 stored as its 16 high bits.
+inline float widen(float x) { return x; }
+inline float widen(uint16_t x) {
+  const uint32_t bits = uint32_t{x} << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
 // A chunk of up to 16 keys at positions [kpos0, kpos0 + nk): K transposed (`kt[d * kt_stride + j]`,
-// 16 readable lanes per row; lanes >= nk are masked) and V rows `v_stride` floats apart.
+// 16 readable lanes per row; lanes >= nk are masked) and V rows `v_stride` elements apart. Elements are
+// float, or bfloat16 bits widened as they are loaded (no copy of the chunk).
+template <typename KT, typename VT>
 struct Chunk {
-  const float* kt;
+  const KT* kt;
   int64_t kt_stride;
-  const float* v;
+  const VT* v;
   int64_t v_stride, nk, kpos0;
 };
 
 // Fold a chunk into `R` query rows starting at `r0`. `kD` > 0 fixes head_dim at compile time.
-template <int64_t kD, int R>
-void fold_rows(const Problem& p, const Item& it, State& st, const Chunk& c, int64_t r0) {
+template <int64_t kD, int R, typename KT, typename VT>
+void fold_rows(const Problem& p, const Item& it, State& st, const Chunk<KT, VT>& c, int64_t r0) {
   const int64_t D = kD > 0 ? kD : p.head_dim;
   int64_t lo[R], hi[R];
   bool any = false;
@@ -118,11 +127,14 @@ void fold_rows(const Problem& p, const Item& it, State& st, const Chunk& c, int6
   float s[R][kLanes] = {};
   const float* q = st.q.data() + r0 * D;
   for (int64_t d = 0; d < D; ++d) {
-    const float* kt = c.kt + d * c.kt_stride;
+    const KT* kt = c.kt + d * c.kt_stride;
+    float k_row[kLanes];
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) k_row[j] = widen(kt[j]);
     for (int i = 0; i < R; ++i) {
       const float qd = q[i * D + d];
 #pragma omp simd
-      for (int j = 0; j < kLanes; ++j) s[i][j] += qd * kt[j];
+      for (int j = 0; j < kLanes; ++j) s[i][j] += qd * k_row[j];
     }
   }
   for (int i = 0; i < R; ++i) {
@@ -154,17 +166,17 @@ void fold_rows(const Problem& p, const Item& it, State& st, const Chunk& c, int6
   }
   float* acc = st.acc.data() + r0 * D;
   for (int64_t j = 0; j < c.nk; ++j) {
-    const float* v = c.v + j * c.v_stride;
+    const VT* v = c.v + j * c.v_stride;
     for (int i = 0; i < R; ++i) {
       const float pj = s[i][j];
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) acc[i * D + d] += pj * v[d];
+      for (int64_t d = 0; d < D; ++d) acc[i * D + d] += pj * widen(v[d]);
     }
   }
 }
 
-template <int64_t kD>
-void fold_chunk(const Problem& p, const Item& it, State& st, const Chunk& c) {
+template <int64_t kD, typename KT, typename VT>
+void fold_chunk(const Problem& p, const Item& it, State& st, const Chunk<KT, VT>& c) {
   const int64_t rows = (it.t1 - it.t0) * p.group;
   int64_t r0 = 0;
   for (; r0 + kRowGroup <= rows; r0 += kRowGroup) fold_rows<kD, kRowGroup>(p, it, st, c, r0);
@@ -174,15 +186,6 @@ void fold_chunk(const Problem& p, const Item& it, State& st, const Chunk& c) {
     case 1: fold_rows<kD, 1>(p, it, st, c, r0); break;
     default: break;
   }
-}
-
-// Cache elements: float32, or bfloat16 stored as its 16 high bits.
-inline float widen(float x) { return x; }
-inline float widen(uint16_t x) {
-  const uint32_t bits = uint32_t{x} << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
 }
 
 // Transpose `nk` key rows (`stride` elements apart) into the item's buffer; unused lanes are zero.
@@ -218,8 +221,7 @@ void run_item(const Problem& p, const Item& it, State& st) {
     const int64_t page = std::clamp<int64_t>(table[page_no], 0, p.num_pages - 1);
     return static_cast<const CacheT*>(p.cache) + (p.layer * p.num_pages + page) * page_floats;
   };
-  constexpr bool kFloatCache = std::is_same_v<CacheT, float>;
-  const bool in_place = kFloatCache && p.layout == kLayoutHeadMajorKT && ps % kLanes == 0;
+  const bool in_place = p.layout == kLayoutHeadMajorKT && ps % kLanes == 0;
   const int64_t pages = (it.prior + ps - 1) / ps;
   for (int64_t page_no = start / ps; page_no < pages; ++page_no) {
     const CacheT* base = page_base(page_no);
@@ -237,34 +239,27 @@ void run_item(const Problem& p, const Item& it, State& st) {
     if (page_no + 1 < pages && p.layout != kLayoutTokenMajor) {
       // Pages are scattered in memory, so the hardware prefetcher cannot see the next one coming.
       const CacheT* next = page_base(page_no + 1) + 2 * it.head * ps * D;
-      for (int64_t i = 0; i < 2 * ps * D; i += 16) __builtin_prefetch(next + i);
+      for (int64_t i = 0; i < 2 * ps * D; i += 64 / sizeof(CacheT)) __builtin_prefetch(next + i);  // a line each
     }
     const int64_t page_keys = std::min<int64_t>(ps, it.prior - page_no * ps);
     for (int64_t j0 = 0; j0 < page_keys; j0 += kLanes) {
       const int64_t nk = std::min(kLanes, page_keys - j0);
-      Chunk c{nullptr, kLanes, nullptr, v_stride, nk, page_no * ps + j0};
-      if constexpr (kFloatCache) {
-        c.v = v + j0 * v_stride;
-      } else {  // bfloat16: widen this chunk's V rows once
-        float* vb = st.v.data();
-        for (int64_t j = 0; j < nk; ++j)
-          for (int64_t d = 0; d < D; ++d) vb[j * D + d] = widen(v[(j0 + j) * v_stride + d]);
-        c.v = vb;
-        c.v_stride = D;
+      const CacheT* v_rows = v + j0 * v_stride;
+      if (in_place) {  // K^T rows are page_size elements apart
+        fold_chunk<kD>(p, it, st, Chunk<CacheT, CacheT>{k + j0, ps, v_rows, v_stride, nk, page_no * ps + j0});
+        continue;
       }
-      if (in_place) {
-        c.kt = reinterpret_cast<const float*>(k) + j0;  // K^T rows are page_size floats apart
-        c.kt_stride = ps;
-      } else if (p.layout == kLayoutHeadMajorKT) {
-        // K^T [D, ps], ps elements per row: copy (and widen) this chunk's lanes.
-        float* kt = st.kt.data();
+      const float* kt;
+      if (p.layout == kLayoutHeadMajorKT) {
+        // K^T [D, ps] with pages narrower than a chunk: copy (and widen) this chunk's lanes.
+        float* buffer = st.kt.data();
         for (int64_t d = 0; d < D; ++d)
-          for (int64_t j = 0; j < kLanes; ++j) kt[d * kLanes + j] = j < nk ? widen(k[d * ps + j0 + j]) : 0.0f;
-        c.kt = kt;
+          for (int64_t j = 0; j < kLanes; ++j) buffer[d * kLanes + j] = j < nk ? widen(k[d * ps + j0 + j]) : 0.0f;
+        kt = buffer;
       } else {
-        c.kt = transpose_keys(st, D, k + j0 * k_stride, k_stride, nk);
+        kt = transpose_keys(st, D, k + j0 * k_stride, k_stride, nk);
       }
-      fold_chunk<kD>(p, it, st, c);
+      fold_chunk<kD>(p, it, st, Chunk<float, CacheT>{kt, kLanes, v_rows, v_stride, nk, page_no * ps + j0});
     }
   }
 
@@ -276,8 +271,8 @@ void run_item(const Problem& p, const Item& it, State& st) {
   for (int64_t j0 = own_start; j0 < own_end; j0 += kLanes) {
     const int64_t nk = std::min(kLanes, own_end - j0);
     const int64_t row = (it.seq_start + j0) * p.kv_heads + it.head;
-    const Chunk c{transpose_keys(st, D, p.k_new + row * D, stride, nk), kLanes, p.v_new + row * D, stride, nk,
-                  it.prior + j0};
+    const Chunk<float, float> c{transpose_keys(st, D, p.k_new + row * D, stride, nk), kLanes, p.v_new + row * D,
+                                stride, nk, it.prior + j0};
     fold_chunk<kD>(p, it, st, c);
   }
 

@@ -57,12 +57,27 @@ def _filter(logits, batch: SamplingBatch):
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
+def argmax_rows(x, lanes: int = 4096):
+    """`jnp.argmax(x, axis=-1)` (first index of each row's maximum) for finite or -inf rows, as reductions
+    XLA:CPU vectorizes: the vocabulary is folded into `[blocks, lanes]` and reduced across blocks first.
+    Its fused (value, index) reduce of `jnp.argmax` ran scalar: 6-8 ms for 64 x 49,152 logits, 3.5 here.
+    A row holding NaN gives its last index (jnp.argmax: the first NaN); sampled logits never hold NaN."""
+    rows, vocab = x.shape
+    pad = -vocab % lanes
+    blocks = x if not pad else jnp.pad(x, ((0, 0), (0, pad)), constant_values=-jnp.inf)
+    blocks = blocks.reshape(rows, -1, lanes)
+    best = blocks.max(axis=1).max(axis=-1)
+    index = jnp.arange(blocks.shape[1] * lanes, dtype=jnp.int32).reshape(1, -1, lanes)
+    first = jnp.where(blocks == best[:, None, None], index, vocab).min(axis=1).min(axis=-1)
+    return jnp.minimum(first, vocab - 1)
+
+
 def sample(logits, batch: SamplingBatch):
     """Choose one token per row of `logits[S, vocab]` (float32)."""
     rows = jnp.arange(logits.shape[0])[:, None]
     banned = batch.banned_ids
     logits = logits.at[rows, jnp.where(banned >= 0, banned, logits.shape[-1])].set(-jnp.inf, mode="drop")
-    greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy_tokens = argmax_rows(logits)
     is_greedy = batch.temperature <= 0.0
 
     def stochastic(_):

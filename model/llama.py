@@ -7,16 +7,14 @@ projects only the rows named by `logits_indices` (the last new token of each seq
 
 from __future__ import annotations
 
-from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels.attention import cpu as cpu_attention
-from kernels.attention import ragged_paged_attention, resolve_backend
-from kernels.attention.reference import attend, cache_value_dtype, interleave_kv, token_layout
+from kernels.attention import ragged_paged_attention, read_only_attention, resolve_backend
+from kernels.attention.reference import cache_value_dtype, interleave_kv, token_layout
 from model.config import ModelConfig
 from model.layers import (
     Dense,
@@ -88,9 +86,7 @@ class Attention(nnx.Module):
         if layout is not None:
             impl, _ = resolve_backend(backend, head_dim=cfg.head_dim, page_size=kv_pages.shape[3],
                                       num_kv_heads=cfg.num_kv_heads, dtype=cache_value_dtype(kv_pages.dtype))
-            # The native kernel's cache stores K transposed (the runner writes it so, see `attention_impl`).
-            read = partial(cpu_attention.attend, k_transposed=True) if impl == "cpu" else attend
-            out = read(q, k, v, kv_pages, layer, *meta, layout=layout, cache_is_finite=True, **options)
+            out = read_only_attention(impl)(q, k, v, kv_pages, layer, *meta, layout=layout, cache_is_finite=True, **options)
             return self.o_proj(out.reshape(num_tokens, -1)), interleave_kv(k, v)
         out, kv_pages = ragged_paged_attention(q, k, v, kv_pages, layer, *meta, backend=backend, **options)
         return self.o_proj(out.reshape(num_tokens, -1)), kv_pages
@@ -154,8 +150,8 @@ class LlamaForCausalLM(nnx.Module):
 
     def attention_impl(self, kv_dtype, page_size: int) -> str:
         """What the attention backend resolves to here: 'tpu' / 'gpu' (Pallas kernels, token-major cache
-        written per layer), 'cpu' (the native kernel: read-only, head-major cache with K stored
-        transposed, `write_kv_layers(k_transposed=True)`) or 'reference' (read-only, head-major)."""
+        written per layer), 'cpu' (the native kernel) or 'reference' (both read-only, head-major; see
+        `kernels.attention.cache_k_transposed` for the layout each reads)."""
         cfg = self.config
         return resolve_backend(self.attention_backend, head_dim=cfg.head_dim, page_size=page_size,
                                num_kv_heads=cfg.num_kv_heads, dtype=kv_dtype)[0]

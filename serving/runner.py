@@ -21,6 +21,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from checkpoints.safetensors import load_params
+from kernels.attention import cache_k_transposed
 from kernels.attention.reference import cache_storage_dtype, write_kv_layers
 from model.config import ModelConfig
 from model.layers import rope_inverse_frequencies, rope_tables
@@ -138,8 +139,7 @@ class ModelRunner:
         step = partial(_step, self.graphdef, self._layer_graphdef, abstract_layers, self.deferred_kv,
                        self._param_treedef)
         self._step = jax.jit(step) if self.deferred_kv else jax.jit(step, donate_argnums=(1,))
-        k_transposed = attention_impl == "cpu"
-        self._write_kv = jax.jit(partial(_write_kv, k_transposed), donate_argnums=(0,))
+        self._write_kv = jax.jit(partial(_write_kv, cache_k_transposed(attention_impl)), donate_argnums=(0,))
         logger.info(
             "Model %s loaded: %s, %.1f MB of weights; KV cache %d pages x %d tokens, %s (%.1f MB); attention: %s",
             self.config.architecture, jnp.dtype(self.dtype).name, self.weight_bytes / 1e6,

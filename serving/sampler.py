@@ -86,7 +86,7 @@ def sample(logits, batch: SamplingBatch):
         scaled = jax.lax.cond(needs_filter, lambda x: _filter(x, batch), lambda x: x, scaled)
         keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(batch.seeds, batch.steps)
         gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (logits.shape[-1],), jnp.float32))(keys)
-        drawn = jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
+        drawn = argmax_rows(scaled + gumbel)
         return jnp.where(is_greedy, greedy_tokens, drawn)
 
     return jax.lax.cond(jnp.all(is_greedy), lambda _: greedy_tokens, stochastic, None)

@@ -18,18 +18,22 @@ per reason.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
 
+from kernels.attention.reference import attend
 from kernels.attention.reference import ragged_paged_attention as reference_attention
 from kernels.attention.validate import AttentionInputError, dynamic_validate, kernel_supports, static_validate
 
 __all__ = [
     "BACKENDS",
     "AttentionInputError",
+    "cache_k_transposed",
     "dynamic_validate",
     "ragged_paged_attention",
+    "read_only_attention",
     "reference_attention",
     "resolve_backend",
     "static_validate",
@@ -83,6 +87,22 @@ def resolve_backend(backend: str, *, head_dim: int, page_size: int, dtype, num_k
                    "using the reference")
         return "reference", False
     return kernel, interpret
+
+
+def cache_k_transposed(impl: str) -> bool:
+    """Whether the read-only (CPU) path's cache stores K transposed per page for a resolved `impl`: what
+    `write_kv_layers(k_transposed=...)` must write and `read_only_attention(impl)` reads."""
+    return impl == "cpu"
+
+
+def read_only_attention(impl: str):
+    """The CPU path's attention for a resolved `impl` ('cpu' or 'reference'): reads a head-major cache in
+    the layout `cache_k_transposed(impl)` says, never writes it (signature of `reference.attend`)."""
+    if impl == "cpu":
+        from kernels.attention import cpu
+
+        return functools.partial(cpu.attend, k_transposed=cache_k_transposed(impl))
+    return attend
 
 
 def ragged_paged_attention(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs, *,

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
+from kernels.attention.reference import cache_value_dtype, token_layout, write_kv
+
 _SOURCE = Path(__file__).with_name("cpu_attention.cc")
 _TARGET = "pallas_serve_paged_attention_cpu"
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
@@ -116,8 +118,6 @@ def unsupported_reason(*, page_size: int, dtype, platform: str) -> str | None:
     """None when the kernel is ready to take this configuration here, else why not."""
     if platform != "cpu":
         return f"it runs on the CPU, not {platform}"
-    from kernels.attention.reference import cache_value_dtype
-
     if cache_value_dtype(dtype) not in CACHE_DTYPES:
         return f"it takes a float32 or bfloat16 KV cache, not {jnp.dtype(dtype).name}"
     return _load()
@@ -135,8 +135,6 @@ def _call(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs, 
           soft_cap, layout: str):
     if _load() is not None:
         raise RuntimeError(f"the CPU attention kernel is unavailable: {_state['error']}")
-    from kernels.attention.reference import cache_value_dtype
-
     value_dtype = cache_value_dtype(kv_pages.dtype)  # uint16 storage holds bfloat16
     if value_dtype not in CACHE_DTYPES:
         raise ValueError(f"the CPU attention kernel takes a float32 or bfloat16 cache, got {kv_pages.dtype}")
@@ -166,8 +164,6 @@ def attend(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
 def ragged_paged_attention(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                            sm_scale: float, sliding_window: int | None = None, soft_cap: float | None = None):
     """The kernels' contract (token-major cache, new K/V written, returns `(out, kv_pages)`)."""
-    from kernels.attention.reference import token_layout, write_kv
-
     out = _call(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
                 sliding_window=sliding_window, soft_cap=soft_cap, layout="token_major")
     layout = token_layout(kv_lens, cu_q_lens, num_seqs, q.shape[0])

@@ -62,6 +62,9 @@ def create_app(engine: Engine) -> Sanic:
     args = engine.server_args
     app = Sanic("pallas_serve", dumps=_dumps, configure_logging=False)
     app.config.KEEP_ALIVE_TIMEOUT = 5
+    # Sanic answers 503 "Response Timeout" to a handler that runs longer than RESPONSE_TIMEOUT (60 s by
+    # default, or $SANIC_RESPONSE_TIMEOUT): a generation may take as long as it needs, as in SGLang.
+    app.config.RESPONSE_TIMEOUT = float("inf")
     app.config.REQUEST_MAX_SIZE = 256 * 1024 * 1024
     app.ctx.status = "Starting"
 

@@ -107,7 +107,8 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m serving.main` on 127.0.0.1, waited on until /health_generate answers 200."""
 
-    def __init__(self, model_path: Path | str | None, *extra: str, timeout: float = 600.0):
+    def __init__(self, model_path: Path | str | None, *extra: str, timeout: float = 600.0,
+                 env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "serving.main", "--port", str(self.port), "--log-level", "warning"]
@@ -116,7 +117,8 @@ class ServerProcess:
         cmd += list(extra)
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"pallas-serve-test-{self.port}.log"
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env=None if env is None else {**os.environ, **env})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

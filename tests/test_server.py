@@ -17,11 +17,14 @@ from tests.conftest import ServerProcess, make_tiny_checkpoint
 
 SERVER_FLAGS = ("--page-size", "4", "--max-total-tokens", "4096", "--max-running-requests", "8",
                 "--chunked-prefill-size", "32", "--random-seed", "0")
+# Sanic's own response timeout (60 s by default) read from the environment: set far below what a request
+# here takes, so any HTTP-layer limit that could cut a generation short shows up in these tests.
+SANIC_TIMEOUT_ENV = {"SANIC_RESPONSE_TIMEOUT": "0.2"}
 
 
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir):
-    proc = ServerProcess(tiny_llama_dir, *SERVER_FLAGS)
+    proc = ServerProcess(tiny_llama_dir, *SERVER_FLAGS, env=SANIC_TIMEOUT_ENV)
     yield proc
     assert proc.stop() == 0, "SIGTERM must end the server with exit code 0"
 
@@ -106,6 +109,18 @@ def test_greedy_text_matches_transformers(server, hf_model, hf_tokenizer):
     assert meta["prompt_tokens"] == len(ids) and meta["completion_tokens"] == 24
     assert meta["finish_reason"] == {"type": "length", "length": 24}
     assert meta["weight_version"] == "default" and meta["e2e_latency"] > 0
+
+
+def test_long_request_is_not_cut_by_the_http_layer(server):
+    """A non-streamed request that runs longer than Sanic's response timeout (0.2 s here, 60 s by default)
+    still gets its whole answer (it used to be a 503 "Response Timeout")."""
+    body = {"input_ids": [5, 6, 7], "sampling_params": {"temperature": 0, "max_new_tokens": 240, "ignore_eos": True}}
+    resp = server.post("/generate", json=body)
+    assert resp.status_code == 200, resp.text
+    out = resp.json()
+    print("e2e_latency", out["meta_info"]["e2e_latency"])
+    assert out["meta_info"]["finish_reason"] == {"type": "length", "length": 240}
+    assert len(out["output_ids"]) == 240
 
 
 def test_stream_is_cumulative_and_ends_with_done(server):

@@ -292,8 +292,10 @@ def check_generation(rng, *, interpret: bool):
     try:
         from flax import nnx
 
+        from kernels.attention import resolve_attention_backend
         from model.config import ModelConfig
-        from model.llama import AttentionMetadata, LlamaForCausalLM
+        from model.interface import AttentionMetadata, StepInputs
+        from model.llama import LlamaForCausalLM
     except Exception as exc:  # noqa: BLE001 - the model package is optional for this script
         print(f"\ngeneration check skipped: model/ is not usable here ({type(exc).__name__}: {exc})")
         return
@@ -307,7 +309,7 @@ def check_generation(rng, *, interpret: bool):
         "max_position_embeddings": 8192, "tie_word_embeddings": False,
     }
     config = ModelConfig.from_dict(raw)
-    model = LlamaForCausalLM(config, dtype=jnp.float32, rngs=nnx.Rngs(0), attention_backend="reference")
+    model = LlamaForCausalLM(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     kernel_backend = "pallas_gpu" if interpret else "pallas"
     page_size, batch, new_tokens = 16, 3, 4 if tiny else 12
@@ -319,10 +321,14 @@ def check_generation(rng, *, interpret: bool):
     @functools.partial(jax.jit, static_argnums=0)
     def forward(backend, state, input_ids, positions, kv_pages, meta, logits_indices):
         step_model = nnx.merge(graphdef, state)
-        step_model.attention_backend = backend
-        return step_model(input_ids, positions, kv_pages, meta, logits_indices)
+        out = step_model.forward(StepInputs(input_ids, positions, meta, None), kv_pages, backend)
+        return step_model.logits(out.hidden[logits_indices]), out.kv
 
-    def run(backend, forced=None):
+    def run(name, forced=None):
+        # Both write a token-major cache inside the step (the kernels' contract).
+        backend = resolve_attention_backend(name, head_dim=config.head_dim, page_size=page_size,
+                                            num_kv_heads=config.num_kv_heads, cache_dtype=jnp.float32)
+        backend = backend.with_in_step_write()
         kv_pages = jnp.zeros((config.num_layers, num_pages, page_size, 2 * config.num_kv_heads, config.head_dim),
                              jnp.float32)
         lens = [0] * batch

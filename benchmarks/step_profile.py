@@ -29,7 +29,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from checkpoints.default import default_model_dir  # noqa: E402
+from serving.config import resolve_runtime_config  # noqa: E402
 from serving.runner import HostBatch, ModelRunner  # noqa: E402
+from serving.server_args import ServerArgs  # noqa: E402
 
 
 def build_batch(mode: str, seqs: int, tokens: int, context: int) -> HostBatch:
@@ -85,9 +87,10 @@ def main() -> None:
     args = parser.parse_args()
 
     batch = build_batch(args.mode, args.seqs, args.tokens, args.context)
-    runner = ModelRunner(default_model_dir(), dtype="float32", page_size=16, attention_backend=args.attention_backend,
-                         max_running_requests=64, max_step_tokens=512, context_length=8192,
-                         max_total_tokens=96 * 512, mem_fraction_static=None, kv_cache_dtype=args.kv_cache_dtype)
+    server_args = ServerArgs(dtype="float32", page_size=16, attention_backend=args.attention_backend,
+                             max_running_requests=64, chunked_prefill_size=512, context_length=8192,
+                             max_total_tokens=96 * 512, kv_cache_dtype=args.kv_cache_dtype)
+    runner = ModelRunner(default_model_dir(), resolve_runtime_config(server_args))
     runner.run(batch)
     times = []
     cpu_start = time.process_time()

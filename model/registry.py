@@ -1,4 +1,4 @@
-"""HF `architectures` name -> model class."""
+"""HF `architectures` name -> model class. Adding a decoder family: its file in model/ and one line here."""
 
 from __future__ import annotations
 
@@ -20,3 +20,8 @@ def model_class_for(config: ModelConfig):
         raise ConfigError(
             f"Unsupported architecture {config.architecture!r}; supported architectures: {supported}"
         ) from None
+
+
+def model_task(config: ModelConfig) -> str:
+    """What the served model does with a request (`model.interface.MODEL_TASKS`)."""
+    return model_class_for(config).task

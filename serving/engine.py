@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 
+from serving.config import resolve_runtime_config
 from serving.prefix_cache import PrefixCache
 from serving.protocol import (
     GenerateItem,
@@ -70,18 +71,11 @@ class Engine:
         self.model_path = args.model_path or str(self.model_dir)
         self.tokenizer_path = args.tokenizer_path or self.model_path
         self.served_model_name = args.served_model_name or self.model_path
-        on_cpu = jax.default_backend() == "cpu"
-        self.max_running_requests = args.max_running_requests or (64 if on_cpu else 256)
-        chunk = args.chunked_prefill_size or (512 if on_cpu else 8192)
-        self.chunked_prefill_size = chunk if chunk > 0 else 1 << 30
-        step_tokens = min(args.max_prefill_tokens, self.chunked_prefill_size if chunk > 0 else args.max_prefill_tokens)
-        self.max_step_tokens = max(step_tokens, self.max_running_requests)
-        self.runner = ModelRunner(
-            self.model_dir, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, page_size=args.page_size,
-            attention_backend=args.attention_backend, max_running_requests=self.max_running_requests,
-            max_step_tokens=self.max_step_tokens, context_length=args.context_length,
-            max_total_tokens=args.max_total_tokens, mem_fraction_static=args.mem_fraction_static,
-        )
+        self.runtime = resolve_runtime_config(args)
+        self.max_running_requests = self.runtime.max_running_requests
+        self.chunked_prefill_size = self.runtime.chunked_prefill_size
+        self.max_step_tokens = self.runtime.max_step_tokens
+        self.runner = ModelRunner(self.model_dir, self.runtime)
         self.config = self.runner.config
         self.context_length = self.runner.context_length
         self.max_total_num_tokens = self.runner.kv_spec.max_total_tokens
@@ -333,7 +327,8 @@ class Engine:
 
     def server_info(self, page_counts: dict[str, int] | None = None) -> dict[str, Any]:
         args = self.server_args.to_dict()
-        args.update(model_path=self.model_path, tokenizer_path=self.tokenizer_path,
+        # The implementation that runs (after resolution and any fallback), not the flag echoed back.
+        args.update(attention_backend=self.runner.attention.label, model_path=self.model_path, tokenizer_path=self.tokenizer_path,
                     max_running_requests=self.max_running_requests,
                     chunked_prefill_size=self.server_args.chunked_prefill_size or self.chunked_prefill_size,
                     context_length=self.context_length)

@@ -2,8 +2,9 @@
 
 The cache is one array, K and V interleaved per head (see docs/architecture.md): token-major
 `[layers, pages, page_size, 2 * kv_heads, head_dim]` for the Pallas kernels, head-major
-`[layers, pages, 2 * kv_heads, page_size, head_dim]` for the jnp attention (the CPU path). The runner owns
-it and passes it through every step as a donated value.
+`[layers, pages, 2 * kv_heads, page_size, head_dim]` for the CPU path; the attention backend
+(`kernels.attention.AttentionBackend.head_major`) says which. The runner owns it and passes it through every
+step as a donated value.
 Which pages belong to whom is host state (`prefix_cache.py`).
 """
 
@@ -63,17 +64,17 @@ def plan_kv_cache(
     dtype,
     weight_bytes: int,
     max_total_tokens: int | None,
-    mem_fraction_static: float | None,
+    mem_fraction_static: float,
     max_running_requests: int,
     context_length: int,
     head_major: bool = False,
 ) -> KVCacheSpec:
-    """Size the pool: `--max-total-tokens` if given, else what `--mem-fraction-static` of memory leaves
-    after the weights, capped at what the running requests could ever use (no point zeroing more)."""
+    """Size the pool: `--max-total-tokens` if given, else what `mem_fraction_static` of memory (the flag, or
+    the platform default of `serving.config`) leaves after the weights, capped at what the running requests
+    could ever use (no point zeroing more). `dtype` is the cache array's (storage) dtype."""
     spec = KVCacheSpec(config.num_layers, 1, page_size, config.num_kv_heads, config.head_dim, jnp.dtype(dtype))
     if max_total_tokens is None:
-        on_cpu = jax.default_backend() == "cpu"
-        fraction = mem_fraction_static if mem_fraction_static is not None else (0.25 if on_cpu else 0.85)
+        fraction = mem_fraction_static
         budget = int(device_memory_bytes() * fraction) - weight_bytes
         if budget <= 0:
             raise ValueError(

@@ -1,8 +1,11 @@
 """Loads the model and runs one jitted step per scheduler iteration.
 
-`(params, kv_pages, batch) -> (next_tokens, kv_pages)` with `kv_pages` donated, so the cache is a value
-updated in place. Token counts and sequence counts are padded to power-of-two buckets, all compiled at
-start-up (with a progress bar, and persisted in JAX's compilation cache so a second start is fast).
+`(params, kv_pages, batch) -> (result, kv_pages)` with `kv_pages` donated, so the cache is a value updated
+in place. One step per task kind: `sample` (causal LMs: one token per sequence) and `pool` (one vector per
+sequence). Token counts and sequence counts are padded to power-of-two buckets, all compiled at start-up
+for the model's task (with a progress bar, and persisted in JAX's compilation cache so a second start is
+fast). The attention backend is resolved once, here; it decides the cache layout and whether a second jit
+writes the step's K/V after it (the CPU path).
 """
 
 from __future__ import annotations
@@ -21,28 +24,17 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from checkpoints.safetensors import load_params
-from kernels.attention import cache_k_transposed
-from kernels.attention.reference import cache_storage_dtype, write_kv_layers
+from kernels.attention import AttentionBackend, resolve_attention_backend
 from model.config import ModelConfig
+from model.decoder import BoundParams, arrange_params
+from model.interface import AttentionMetadata, StepInputs
 from model.layers import rope_inverse_frequencies, rope_tables
-from model.llama import AttentionMetadata, KVWrite
 from model.registry import model_class_for
+from serving.config import RuntimeConfig
 from serving.kv_cache import KVCacheSpec, allocate_kv_pages, params_bytes, plan_kv_cache
 from serving.sampler import SamplingBatch, sample
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": jnp.float32, "float": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
-           "float16": jnp.float16, "half": jnp.float16}
-
-
-def resolve_dtype(name: str, config: ModelConfig):
-    """`auto`: float32 on CPU (XLA:CPU's bf16 matvec is ~20x slower), the checkpoint's dtype elsewhere."""
-    if name != "auto":
-        return _DTYPES[name]
-    if jax.default_backend() == "cpu":
-        return jnp.float32
-    return _DTYPES.get(str(config.torch_dtype or "bfloat16").replace("torch.", ""), jnp.bfloat16)
 
 
 def next_pow2(n: int) -> int:
@@ -50,12 +42,9 @@ def next_pow2(n: int) -> int:
 
 
 class StepBatch(NamedTuple):
-    input_ids: jax.Array  # int32[T]
-    positions: jax.Array  # int32[T]
-    meta: AttentionMetadata
-    logits_indices: jax.Array  # int32[S]
+    inputs: StepInputs
+    logits_indices: jax.Array  # int32[S]: the last new token of each sequence
     sampling: SamplingBatch
-    rope: tuple[jax.Array, jax.Array]  # float32[T, 1, head_dim // 2] x 2 (cos, sin), see `rope_tables`
 
 
 @dataclass
@@ -70,82 +59,76 @@ class HostBatch:
     sampling: dict[str, np.ndarray]  # SamplingBatch fields, [num_seqs]
 
 
-def _step(graphdef, layer_graphdef, abstract_layers, deferred_kv, treedef, param_leaves, kv_pages,
-          batch: StepBatch):
-    rest, layers = jax.tree.unflatten(treedef, param_leaves)
-    if isinstance(layers, list):  # one state per layer: the unrolled loop
-        model = nnx.merge(graphdef, abstract_layers, rest)
-        layer_modules = [nnx.merge(layer_graphdef, state) for state in layers]
-    else:
-        model = nnx.merge(graphdef, layers, rest)
-        layer_modules = None
-    logits, kv = model(batch.input_ids, batch.positions, kv_pages, batch.meta, batch.logits_indices,
-                       layer_modules, deferred_kv, batch.rope)
-    return sample(logits, batch.sampling), kv
+def _forward(bound: BoundParams, treedef, backend: AttentionBackend, param_leaves, kv_pages, inputs: StepInputs):
+    model, layers = bound.bind(jax.tree.unflatten(treedef, param_leaves))
+    return model, model.forward(inputs, kv_pages, backend, layers)
 
 
-def _write_kv(k_transposed, kv_pages, kv_write: KVWrite):
-    return write_kv_layers(kv_pages, *kv_write, k_transposed=k_transposed)
+def _sample_step(bound, treedef, backend, param_leaves, kv_pages, batch: StepBatch):
+    model, out = _forward(bound, treedef, backend, param_leaves, kv_pages, batch.inputs)
+    tokens = sample(model.logits(out.hidden[batch.logits_indices]), batch.sampling)
+    return tokens, out.kv, out.aux
+
+
+def _pool_step(bound, treedef, backend, method, normalize, param_leaves, kv_pages, batch: StepBatch):
+    model, out = _forward(bound, treedef, backend, param_leaves, kv_pages, batch.inputs)
+    return model.pool(out.hidden, batch.inputs, method=method, normalize=normalize), out.kv, out.aux
 
 
 class ModelRunner:
-    def __init__(self, model_dir: Path, *, dtype: str, page_size: int, attention_backend: str,
-                 max_running_requests: int, max_step_tokens: int, context_length: int | None,
-                 max_total_tokens: int | None, mem_fraction_static: float | None,
-                 unroll_layers: bool | None = None, kv_cache_dtype: str = "auto"):
+    def __init__(self, model_dir: Path, config: RuntimeConfig):
         self.model_dir = Path(model_dir)
+        self.runtime = config
         self.config = ModelConfig.from_dir(self.model_dir)
-        self.dtype = resolve_dtype(dtype, self.config)
-        self.kv_dtype = self.dtype if kv_cache_dtype == "auto" else _DTYPES[kv_cache_dtype]
-        self.context_length = context_length or self.config.max_position_embeddings
+        self.dtype = config.model_dtype(self.config.torch_dtype)
+        self.kv_dtype = config.cache_dtype(self.dtype)
+        self.context_length = config.context_length or self.config.max_position_embeddings
         inv_freq, attention_factor = rope_inverse_frequencies(self.config.head_dim, self.config.rope_theta,
                                                               self.config.rope_scaling)
         self._rope_frequencies = (np.asarray(inv_freq), attention_factor)
-        cls = model_class_for(self.config)
-        abstract = nnx.eval_shape(
-            lambda: cls(self.config, dtype=self.dtype, rngs=nnx.Rngs(0), attention_backend=attention_backend)
-        )
-        # On CPU the layers run as an unrolled loop over per-layer arrays (see LlamaForCausalLM.hidden_states);
-        # on accelerators as a scan over the stacked params.
-        self.unroll_layers = jax.default_backend() == "cpu" if unroll_layers is None else unroll_layers
-        self.graphdef, abstract_layers, _ = nnx.split(abstract, nnx.PathContains("layers"), ...)
-        self._layer_graphdef = None  # the unrolled path's per-layer graphdef, set by `arrange_params`
-        self._abstract = abstract
-        self.params = self.arrange_params(load_params(abstract, self.model_dir, self.dtype))
+        self.model_class = model_class_for(self.config)
+        self.task = self.model_class.task
+        self._abstract = self._abstract_model(self.config)
+        self.attention = resolve_attention_backend(
+            config.attention_backend, head_dim=self.config.head_dim, page_size=config.page_size,
+            num_kv_heads=self.config.num_kv_heads, cache_dtype=self.kv_dtype, platform=config.platform)
+        if self.attention.writes_in_step and self.kv_dtype != self.dtype:
+            raise ValueError(f"--kv-cache-dtype {config.kv_cache_dtype} with a {jnp.dtype(self.dtype).name} model: "
+                             f"the {self.attention.name.upper()} attention kernel takes q, k, v and the cache in "
+                             "one dtype; use --dtype bfloat16 or --attention-backend reference")
+        self.params, self._bound = arrange_params(
+            self._abstract, load_params(self._abstract, self.model_dir, self.dtype), unroll=config.unroll_layers)
         self.weight_bytes = params_bytes(self.params)
 
-        self.max_seqs = next_pow2(max_running_requests)
-        self.max_tokens = next_pow2(max(max_step_tokens, self.max_seqs))
-        # With the jnp attention the step only reads the (head-major) cache and a second jit, donating
-        # it, writes the step's K/V: one jit doing both made XLA:CPU copy the whole cache every step.
-        # The Pallas kernels write their token-major cache in place inside the step.
-        attention_impl = abstract.attention_impl(self.kv_dtype, page_size)
-        self.deferred_kv = attention_impl not in ("tpu", "gpu")
-        if not self.deferred_kv and self.kv_dtype != self.dtype:
-            raise ValueError(f"--kv-cache-dtype {kv_cache_dtype} with a {jnp.dtype(self.dtype).name} model: the "
-                             f"{attention_impl.upper()} attention kernel takes q, k, v and the cache in one dtype; "
-                             "use --dtype bfloat16 or --attention-backend reference")
+        self.max_seqs = next_pow2(config.max_running_requests)
+        self.max_tokens = next_pow2(max(config.max_step_tokens, self.max_seqs))
         self.kv_spec: KVCacheSpec = plan_kv_cache(
-            # The CPU path keeps a bfloat16 cache as uint16 bit patterns (see `cache_storage_dtype`).
-            self.config, page_size=page_size, weight_bytes=self.weight_bytes,
-            dtype=cache_storage_dtype(self.kv_dtype) if self.deferred_kv else self.kv_dtype,
-            max_total_tokens=max_total_tokens, mem_fraction_static=mem_fraction_static,
-            max_running_requests=max_running_requests, context_length=self.context_length,
-            head_major=self.deferred_kv,
+            self.config, page_size=config.page_size, weight_bytes=self.weight_bytes,
+            dtype=self.attention.storage_dtype, max_total_tokens=config.max_total_tokens,
+            mem_fraction_static=config.mem_fraction_static, max_running_requests=config.max_running_requests,
+            context_length=self.context_length, head_major=self.attention.head_major,
         )
-        self.page_size = page_size
-        self.pages_per_seq = -(-self.context_length // page_size)
+        self.page_size = config.page_size
+        self.pages_per_seq = -(-self.context_length // config.page_size)
         self.kv_pages = allocate_kv_pages(self.kv_spec)
-        step = partial(_step, self.graphdef, self._layer_graphdef, abstract_layers, self.deferred_kv,
-                       self._param_treedef)
-        self._step = jax.jit(step) if self.deferred_kv else jax.jit(step, donate_argnums=(1,))
-        self._write_kv = jax.jit(partial(_write_kv, cache_k_transposed(attention_impl)), donate_argnums=(0,))
+        self.last_aux: dict[str, np.ndarray] = {}  # the last step's auxiliary outputs (model.interface)
+        static = (self._bound, self._param_treedef, self.attention)
+        # The CPU path's step only reads the cache (nothing to donate); the Pallas kernels update it in place.
+        donate = () if self.attention.head_major else (1,)
+        self._step = jax.jit(partial(_sample_step, *static), donate_argnums=donate)
+        self._pool_steps: dict[tuple[str, bool], object] = {}
+        self._pool_static = static
+        self._write_kv = jax.jit(self.attention.write_layers, donate_argnums=(0,))
         logger.info(
             "Model %s loaded: %s, %.1f MB of weights; KV cache %d pages x %d tokens, %s (%.1f MB); attention: %s",
             self.config.architecture, jnp.dtype(self.dtype).name, self.weight_bytes / 1e6,
-            self.kv_spec.num_pages, page_size, jnp.dtype(self.kv_dtype).name, self.kv_spec.total_bytes / 1e6,
-            attention_impl,
+            self.kv_spec.num_pages, config.page_size, jnp.dtype(self.kv_dtype).name,
+            self.kv_spec.total_bytes / 1e6, self.attention.name,
         )
+
+    def _abstract_model(self, config: ModelConfig):
+        cls = model_class_for(config)
+        return nnx.eval_shape(lambda: cls(config, dtype=self.dtype, rngs=nnx.Rngs(0)))
 
     @property
     def params(self):
@@ -159,34 +142,23 @@ class ModelRunner:
             raise ValueError("new params do not have the structure of the served ones")
         self._param_leaves, self._param_treedef = leaves, treedef
 
-    def arrange_params(self, state: nnx.State):
-        """Full param state -> `(rest, layers)`: layers stacked for the scan, or (the CPU path) a list of
-        per-layer states with q/k/v and gate/up fused into one matmul each."""
-        _, layers, rest = nnx.split(nnx.merge(nnx.split(self._abstract)[0], state), nnx.PathContains("layers"), ...)
-        if not self.unroll_layers:
-            return rest, layers
-        stacked_graphdef = nnx.split(self._abstract.layers)[0]
-        per_layer = []
-        for i in range(self.config.num_layers):
-            layer = nnx.merge(stacked_graphdef, jax.tree.map(lambda x, i=i: x[i], layers["layers"]))
-            layer.fuse_projections()
-            graphdef, layer_state = nnx.split(layer)
-            per_layer.append(layer_state)
-        # Same for every layer and every load (a weight swap must keep the structure: see `params`).
-        self._layer_graphdef = graphdef
-        return rest, per_layer
-
     def read_weights(self, model_dir: Path):
-        """Load another checkpoint of the same architecture and shapes (for a weight swap)."""
+        """Load another checkpoint of the same architecture and shapes (for a weight swap); the served
+        params are untouched. A checkpoint that does not fit names the first param that differs."""
         config = ModelConfig.from_dir(model_dir)
-        mine, theirs = self.config, config
-        for field in ("architecture", "vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                      "num_heads", "num_kv_heads", "head_dim", "tie_word_embeddings", "attention_bias",
-                      "qk_norm"):
-            if getattr(mine, field) != getattr(theirs, field):
-                raise ValueError(f"{field} differs: serving {getattr(mine, field)}, new checkpoint "
-                                 f"{getattr(theirs, field)}")
-        return self.arrange_params(load_params(self._abstract, Path(model_dir), self.dtype))
+        if config.architecture != self.config.architecture:
+            raise ValueError(f"architecture differs: serving {self.config.architecture}, new checkpoint "
+                             f"{config.architecture}")
+        theirs = dict(nnx.to_flat_state(nnx.state(self._abstract_model(config), nnx.Param)))
+        for path, mine in nnx.to_flat_state(nnx.state(self._abstract, nnx.Param)):
+            other = theirs.get(path)
+            if other is None or other.shape != mine.shape:
+                name = ".".join(map(str, path))
+                raise ValueError(f"param {name!r} has shape {None if other is None else tuple(other.shape)} in the "
+                                 f"new checkpoint, {tuple(mine.shape)} in the served model")
+        params, _ = arrange_params(self._abstract, load_params(self._abstract, Path(model_dir), self.dtype),
+                                   unroll=self.runtime.unroll_layers)
+        return params
 
     # -- buckets -------------------------------------------------------------------------------
     def bucket(self, num_tokens: int, num_seqs: int) -> tuple[int, int]:
@@ -224,27 +196,43 @@ class ModelRunner:
         for name, values in host.sampling.items():
             sampling[name][:num_seqs] = values
         meta = AttentionMetadata(kv_lens, page_indices, cu_q_lens, np.array([num_seqs], np.int32))
+        # Rope tables on the host: inside the jit XLA:CPU fused cos / sin into every layer's rotation.
         rope = rope_tables(positions, *self._rope_frequencies, xp=np)
-        return StepBatch(input_ids, positions, meta, logits_indices, SamplingBatch(**sampling), rope)
+        return StepBatch(StepInputs(input_ids, positions, meta, rope), logits_indices, SamplingBatch(**sampling))
+
+    def _padded(self, host: HostBatch) -> StepBatch:
+        return self._pad(host, *self.bucket(len(host.input_ids), len(host.kv_lens)))
 
     def run(self, host: HostBatch) -> np.ndarray:
-        """Run one step; returns the sampled token of each sequence (`int32[num_seqs]`)."""
+        """Run one sampling step; returns the sampled token of each sequence (`int32[num_seqs]`)."""
         # Host arrays go straight into the jit call: an explicit device_put of the batch cost ~0.7 ms.
-        tokens = self._run(self._pad(host, *self.bucket(len(host.input_ids), len(host.kv_lens))))
+        tokens = self._run(self._step, self._padded(host), len(host.input_ids))
         return np.asarray(tokens)[: len(host.kv_lens)]
 
-    def _run(self, batch: StepBatch) -> jax.Array:
-        tokens, kv = self._step(self._param_leaves, self.kv_pages, batch)
-        self.kv_pages = self._write_kv(self.kv_pages, kv) if self.deferred_kv else kv
-        return tokens
+    def run_pool(self, host: HostBatch, *, method: str = "last", normalize: bool = False) -> np.ndarray:
+        """Run one pooling step (every sequence whole in it); returns float32 `[num_seqs, dim]`."""
+        key = (method, normalize)
+        if key not in self._pool_steps:
+            step = partial(_pool_step, *self._pool_static, method, normalize)
+            self._pool_steps[key] = jax.jit(step, donate_argnums=() if self.attention.head_major else (1,))
+        pooled = self._run(self._pool_steps[key], self._padded(host), len(host.input_ids))
+        return np.asarray(pooled)[: len(host.kv_lens)]
+
+    def _run(self, step, batch: StepBatch, num_tokens: int):
+        result, kv, aux = step(self._param_leaves, self.kv_pages, batch)
+        self.kv_pages = self._write_kv(self.kv_pages, kv) if self.attention.head_major else kv
+        # Auxiliary outputs (none for dense models) come back only when a model declares them.
+        self.last_aux = {name: np.asarray(value)[:, :num_tokens] for name, value in aux.items()}
+        return result
 
     def precompile(self, progress: bool = True) -> float:
-        """Compile (and run once, on an all-padding batch that writes nothing) every bucket."""
+        """Compile (and run once, on an all-padding batch that writes nothing) every bucket of the sampling
+        step (every registered model generates; the pooling step compiles on first use)."""
         start = time.perf_counter()
         empty = HostBatch(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32), [],
                           np.zeros(0, np.int32), {})
         for tokens, seqs in tqdm(self.buckets(), desc="Compiling step buckets", disable=not progress):
-            self._run(self._pad(empty, tokens, seqs)).block_until_ready()
+            jax.block_until_ready(self._run(self._step, self._pad(empty, tokens, seqs), 0))
         return time.perf_counter() - start
 
     def reset_kv_cache(self) -> None:

@@ -51,7 +51,7 @@ def load_like_the_engine(model_path: str | Path) -> nnx.State:
     config = ModelConfig.from_dir(model_dir)
     cls = model_class_for(config)
     abstract = nnx.eval_shape(
-        lambda: cls(config, dtype=jnp.float32, rngs=nnx.Rngs(0), attention_backend="reference")
+        lambda: cls(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
     )
     return load_params(abstract, model_dir, jnp.float32, progress=False)
 

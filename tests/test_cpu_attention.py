@@ -113,7 +113,7 @@ def test_serving_layout_with_transposed_keys(rng, page_size, dtype):  # noqa: F8
     """The CPU serving path: `write_kv_layers(k_transposed=True)` writes, `attend(k_transposed=True)` reads
     (in place for pages of 16 or more tokens, through a copy below that); same outputs as the reference
     reading the plain head-major cache written from the same K/V."""
-    from kernels.attention.reference import cache_storage_dtype, cache_values, token_layout, write_kv_layers
+    from kernels.attention.cache_layout import cache_values, storage_dtype, token_layout, write_kv_layers
 
     num_layers, kv_heads, group, head_dim = 2, 2, 3, 64
     lens = random_lens(rng, page_size, ["decode", "chunk", "prefill", "aligned"])
@@ -123,7 +123,7 @@ def test_serving_layout_with_transposed_keys(rng, page_size, dtype):  # noqa: F8
                      num_layers=num_layers)
     q, k, v, cache, _, kv_lens, pages, cu, num_seqs = case.clean_args()
     # As the runner stores it (bfloat16 as uint16 bits), under float32 q / k / v.
-    head_major = jnp.zeros(cache.transpose(0, 1, 3, 2, 4).shape, cache_storage_dtype(dtype))
+    head_major = jnp.zeros(cache.transpose(0, 1, 3, 2, 4).shape, storage_dtype(dtype))
     # Every cached position of every layer gets random K/V through the writer under test.
     context = jnp.asarray(rng.standard_normal((num_layers, num_tokens, 2 * kv_heads, head_dim)), jnp.float32)
     prior_q = jnp.asarray([c for c, _ in lens] + [0] * (5 - len(lens)), jnp.int32)

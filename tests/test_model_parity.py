@@ -11,9 +11,9 @@ import transformers
 from flax import nnx
 
 from checkpoints.safetensors import load_params
-from kernels.attention.reference import write_kv_layers
+from kernels.attention import AttentionBackend
 from model.config import ModelConfig
-from model.llama import AttentionMetadata
+from model.interface import AttentionMetadata, StepInputs
 from model.registry import model_class_for
 from tests.conftest import make_tiny_checkpoint
 
@@ -34,8 +34,7 @@ def checkpoint(request, tmp_path_factory):
 
 def load_ours(path):
     config = ModelConfig.from_dir(path)
-    model = nnx.eval_shape(lambda: model_class_for(config)(config, dtype=jnp.float32, rngs=nnx.Rngs(0),
-                                                           attention_backend="reference"))
+    model = nnx.eval_shape(lambda: model_class_for(config)(config, dtype=jnp.float32, rngs=nnx.Rngs(0)))
     graphdef, _ = nnx.split(model)
     return config, nnx.merge(graphdef, load_params(model, path, jnp.float32, progress=False))
 
@@ -56,12 +55,18 @@ def test_ragged_batch_logits_match_transformers(checkpoint):
     positions[: cu[-1]] = np.concatenate([np.arange(n) for n in lens])
     page_table = rng.permutation(64)[: 4 * pages_per_seq].reshape(4, pages_per_seq).astype(np.int32)
     meta = AttentionMetadata(jnp.array(lens), jnp.array(page_table), jnp.array(cu), jnp.array([4], jnp.int32))
-    logits, written = model(jnp.array(ids), jnp.array(positions), kv_pages, meta, jnp.array(cu[1:] - 1))
+    inputs = StepInputs(jnp.array(ids), jnp.array(positions), meta, None)
+    last_rows = jnp.array(cu[1:] - 1)
+    # The reference writing a token-major cache inside the step, layer by layer through the scan.
+    in_step = AttentionBackend("reference").with_in_step_write()
+    out = model.forward(inputs, kv_pages, in_step)
+    logits, written = model.logits(out.hidden[last_rows]), out.kv
     # The jnp serving path through the layer scan: head-major cache, read only, K/V handed back.
-    deferred_logits, kv_write = model(jnp.array(ids), jnp.array(positions), kv_pages.transpose(0, 1, 3, 2, 4),
-                                      meta, jnp.array(cu[1:] - 1), deferred_kv=True)
+    read_only = AttentionBackend("reference")
+    deferred = model.forward(inputs, kv_pages.transpose(0, 1, 3, 2, 4), read_only)
+    deferred_logits, kv_write = model.logits(deferred.hidden[last_rows]), deferred.kv
     np.testing.assert_allclose(np.asarray(deferred_logits), np.asarray(logits), rtol=1e-5, atol=1e-5)
-    head_major = write_kv_layers(kv_pages.transpose(0, 1, 3, 2, 4), *kv_write)
+    head_major = read_only.write_layers(kv_pages.transpose(0, 1, 3, 2, 4), kv_write)
     np.testing.assert_allclose(np.asarray(head_major), np.asarray(written.transpose(0, 1, 3, 2, 4)),
                                rtol=1e-6, atol=1e-6)
     for i, prompt in enumerate(prompts):

@@ -10,8 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-from kernels.attention.reference import cache_values
+from kernels.attention.cache_layout import cache_values
+from serving.config import resolve_runtime_config
 from serving.runner import HostBatch, ModelRunner
+from serving.server_args import ServerArgs
 
 
 def _cache_shaped_results(hlo: str, shape: tuple[int, ...]) -> list[str]:
@@ -22,15 +24,18 @@ def _cache_shaped_results(hlo: str, shape: tuple[int, ...]) -> list[str]:
 
 
 def _runner(model_dir, backend, kv_cache_dtype="auto"):
-    return ModelRunner(model_dir, dtype="float32", page_size=4, attention_backend=backend, max_running_requests=4,
-                       max_step_tokens=16, context_length=64, max_total_tokens=256, mem_fraction_static=None,
-                       kv_cache_dtype=kv_cache_dtype)
+    args = ServerArgs(model_path=str(model_dir), dtype="float32", page_size=4, attention_backend=backend,
+                      max_running_requests=4, chunked_prefill_size=16, context_length=64, max_total_tokens=256,
+                      kv_cache_dtype=kv_cache_dtype)
+    runtime = resolve_runtime_config(args)
+    assert runtime.max_step_tokens == 16
+    return ModelRunner(model_dir, runtime)
 
 
 @pytest.mark.parametrize("backend,kv_cache_dtype", [("reference", "auto"), ("cpu", "auto"), ("cpu", "bf16")])
 def test_step_reads_the_cache_and_the_write_is_in_place(tiny_llama_dir, backend, kv_cache_dtype):
     runner = _runner(tiny_llama_dir, backend, kv_cache_dtype)
-    assert runner.deferred_kv and runner.kv_spec.head_major
+    assert not runner.attention.writes_in_step and runner.kv_spec.head_major
     # A bfloat16 cache is kept as its bit patterns (uint16): XLA:CPU widens bfloat16 scatters to float32.
     assert runner.kv_pages.dtype == ("uint16" if kv_cache_dtype == "bf16" else "float32")
     shape = runner.kv_spec.shape
@@ -43,7 +48,7 @@ def test_step_reads_the_cache_and_the_write_is_in_place(tiny_llama_dir, backend,
         batch = jax.device_put(runner._pad(host if tokens >= len(host.input_ids) else empty, tokens, seqs))
         step = runner._step.lower(runner._param_leaves, runner.kv_pages, batch).compile()
         assert _cache_shaped_results(step.as_text(), shape) == [], f"bucket {tokens}: the step writes the cache"
-        _, kv_write = runner._step(runner._param_leaves, runner.kv_pages, batch)
+        _, kv_write, _ = runner._step(runner._param_leaves, runner.kv_pages, batch)
         write = runner._write_kv.lower(runner.kv_pages, kv_write).compile().as_text()
         assert "input_output_alias" in write
         # No copy of the cache, nor a round trip through another dtype (XLA:CPU widens bfloat16 scatters).
@@ -66,7 +71,7 @@ def test_the_serving_cache_only_receives_finite_values():
     must not leave NaN / inf in pages that another request gets next."""
     import jax.numpy as jnp
 
-    from kernels.attention.reference import write_kv_layers
+    from kernels.attention.cache_layout import write_kv_layers
 
     cache = jnp.zeros((2, 3, 4, 2, 8))  # [layers, pages, 2 * kv_heads, page_size, head_dim]
     new = jnp.full((2, 2, 4, 8), jnp.nan).at[:, 1].set(jnp.inf)  # [layers, tokens, 2 * kv_heads, head_dim]

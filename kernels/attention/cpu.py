@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-from kernels.attention.reference import cache_value_dtype, token_layout, write_kv
+from kernels.attention.cache_layout import token_layout, value_dtype, write_kv
 
 _SOURCE = Path(__file__).with_name("cpu_attention.cc")
 _TARGET = "pallas_serve_paged_attention_cpu"
@@ -118,7 +118,7 @@ def unsupported_reason(*, page_size: int, dtype, platform: str) -> str | None:
     """None when the kernel is ready to take this configuration here, else why not."""
     if platform != "cpu":
         return f"it runs on the CPU, not {platform}"
-    if cache_value_dtype(dtype) not in CACHE_DTYPES:
+    if value_dtype(dtype) not in CACHE_DTYPES:
         return f"it takes a float32 or bfloat16 KV cache, not {jnp.dtype(dtype).name}"
     return _load()
 
@@ -135,12 +135,12 @@ def _call(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs, 
           soft_cap, layout: str):
     if _load() is not None:
         raise RuntimeError(f"the CPU attention kernel is unavailable: {_state['error']}")
-    value_dtype = cache_value_dtype(kv_pages.dtype)  # uint16 storage holds bfloat16
-    if value_dtype not in CACHE_DTYPES:
+    cache_dtype = value_dtype(kv_pages.dtype)  # uint16 storage holds bfloat16
+    if cache_dtype not in CACHE_DTYPES:
         raise ValueError(f"the CPU attention kernel takes a float32 or bfloat16 cache, got {kv_pages.dtype}")
     i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
     # As the reference: the step's own K/V are rounded to the cache dtype (a no-op for float32).
-    own = lambda x: x.astype(value_dtype).astype(jnp.float32)  # noqa: E731
+    own = lambda x: x.astype(cache_dtype).astype(jnp.float32)  # noqa: E731
     out = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")(
         q.astype(jnp.float32), own(k), own(v), kv_pages, i32(layer).reshape(1), i32(kv_lens), i32(page_indices), i32(cu_q_lens),
         i32(num_seqs).reshape(1), sm_scale=np.float32(sm_scale), sliding_window=np.int64(sliding_window or 0),

@@ -17,6 +17,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels.attention.cache_layout import cache_values, token_layout, value_dtype, write_kv
+
 # Per-block working set, in (token, kv position) pairs: a block gathers `tokens * block_tokens` KV rows.
 # 32k pairs keeps a block of the default model (3 KV heads x 64 x 2 x f32) near 50 MB.
 _BLOCK_PAIR_BUDGET = 32768
@@ -25,91 +27,6 @@ _MAX_BLOCK_TOKENS = 128
 _NEG = -1e30
 # Keys per block when the step's own tokens attend to each other (a `[T, block]` score tile).
 _MAX_NEW_BLOCK = 256
-
-
-def cache_storage_dtype(dtype):
-    """What the CPU path's cache array holds for a cache of `dtype`: bfloat16 is kept as its bit patterns
-    in uint16, because XLA:CPU widens a whole bfloat16 array to float32 and back to scatter into it (and
-    materializes a bitcast of it too): a 2 GB cache cost 2 s per step that way."""
-    return jnp.dtype(jnp.uint16) if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype)
-
-
-def cache_value_dtype(dtype):
-    """The dtype of the values a cache array of (storage) `dtype` holds: inverse of `cache_storage_dtype`."""
-    return jnp.dtype(jnp.bfloat16) if jnp.dtype(dtype) == jnp.uint16 else jnp.dtype(dtype)
-
-
-def cache_values(x):
-    """Cache elements as float32 (uint16 storage holds bfloat16 bits)."""
-    if x.dtype == jnp.uint16:
-        x = jax.lax.bitcast_convert_type(x, jnp.bfloat16)
-    return x.astype(jnp.float32)
-
-
-def token_layout(kv_lens, cu_q_lens, num_seqs, num_tokens):
-    """Per-token sequence id, absolute position and validity for a flat ragged batch.
-
-    Token `t` belongs to the sequence `s` with `cu_q_lens[s] <= t < cu_q_lens[s + 1]`; its position is
-    `kv_lens[s] - q_len[s] + (t - cu_q_lens[s])`. Tokens at or past `cu_q_lens[num_seqs]` are padding.
-    """
-    num_seqs_padded = kv_lens.shape[0]
-    t = jnp.arange(num_tokens, dtype=jnp.int32)
-    # Entries past `num_seqs` may hold anything: treat them as empty sequences.
-    cu_q_lens = jnp.where(jnp.arange(num_seqs_padded + 1) > num_seqs[0], cu_q_lens[num_seqs[0]], cu_q_lens)
-    valid = t < cu_q_lens[num_seqs[0]]
-    seq = jnp.searchsorted(cu_q_lens[1:], t, side="right", method="compare_all").astype(jnp.int32)
-    seq = jnp.minimum(seq, num_seqs_padded - 1)
-    q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
-    pos = kv_lens[seq] - q_len + (t - cu_q_lens[seq])
-    return seq, jnp.where(valid, pos, 0), valid
-
-
-def write_kv(kv_pages, layer, k, v, page_indices, seq, pos, valid):
-    """Scatter the new tokens' K/V into their pages; padding rows go to page `num_pages` and are dropped."""
-    num_pages, page_size = kv_pages.shape[1], kv_pages.shape[2]
-    page = page_indices[seq, pos // page_size]
-    # Flat (layer, page) row index into a [layers * pages, ...] view: indexing `kv_pages[layer]` first
-    # made XLA:CPU materialize the whole layer (a copy per layer per step, growing with the pool).
-    row = jnp.where(valid, layer * num_pages + page, kv_pages.shape[0] * num_pages)
-    kv_new = interleave_kv(k, v)
-    flat = kv_pages.reshape((-1,) + kv_pages.shape[2:])
-    flat = flat.at[row, pos % page_size].set(kv_new.astype(kv_pages.dtype), mode="drop")
-    return flat.reshape(kv_pages.shape)
-
-
-def write_kv_layers(kv_pages, kv_new, page_indices, seq, pos, valid, *, k_transposed: bool = False):
-    """Scatter every layer's new K/V (`[layers, T, 2 * kv_heads, head_dim]`, as `interleave_kv` makes
-    them) into a head-major cache (`[layers, pages, 2 * kv_heads, page_size, head_dim]`, the CPU path's
-    layout, see `attend`) in one go. Padding rows go to row `layers * pages` and are dropped.
-    `k_transposed`: store each page's K block as K^T (`[head_dim, page_size]` in the same floats), the
-    layout the native CPU kernel reads in place (`cpu.attend(k_transposed=True)`); V is unchanged."""
-    num_layers, num_pages, two_heads, page_size, head_dim = kv_pages.shape
-    page = page_indices[seq, pos // page_size]
-    layer_rows = jnp.arange(num_layers, dtype=jnp.int32)[:, None] * num_pages
-    rows = jnp.where(valid[None, :], layer_rows + page[None, :], num_layers * num_pages)  # [L, T]
-    heads = jnp.arange(two_heads, dtype=jnp.int32)
-    flat = kv_pages.reshape(num_layers * num_pages, two_heads, page_size, head_dim)
-    # Only finite values go in, so readers may skip masking stale slots (`attend(cache_is_finite=True)`):
-    # a request whose activations overflowed must not poison the pages the next one gets.
-    kv_new = jnp.nan_to_num(kv_new.astype(cache_value_dtype(kv_pages.dtype)))
-    if kv_pages.dtype == jnp.uint16:  # bfloat16 bits, see `cache_storage_dtype`
-        kv_new = jax.lax.bitcast_convert_type(kv_new, jnp.uint16)
-    slot = (pos % page_size)[None, :, None]
-    if not k_transposed:
-        flat = flat.at[rows[:, :, None], heads[None, None, :], slot].set(kv_new, mode="drop")
-        return flat.reshape(kv_pages.shape)
-    k_heads = heads[None, None, 0::2]
-    transposed = flat.reshape(num_layers * num_pages, two_heads, head_dim, page_size)
-    transposed = transposed.at[rows[:, :, None], k_heads, :, slot].set(kv_new[:, :, 0::2], mode="drop")
-    flat = transposed.reshape(flat.shape)
-    flat = flat.at[rows[:, :, None], k_heads + 1, slot].set(kv_new[:, :, 1::2], mode="drop")
-    return flat.reshape(kv_pages.shape)
-
-
-def interleave_kv(k, v):
-    """`[T, kv_heads, D]` x 2 -> `[T, 2 * kv_heads, D]`, the cache's per-token row (K/V per head)."""
-    num_tokens, num_kv_heads, head_dim = k.shape
-    return jnp.stack([k, v], axis=2).reshape(num_tokens, 2 * num_kv_heads, head_dim)
 
 
 def block_pages_for(num_tokens: int, page_size: int, pages_per_seq: int) -> int:
@@ -225,9 +142,9 @@ def attend(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
     # Head-major, so the score and value products are plain batched matmuls (XLA:CPU transposed the
     # token-major operands first: 2.5x slower at 512 tokens).
     q_heads = qg.transpose(1, 2, 0, 3)  # [H, G, T, D]
-    value_dtype = cache_value_dtype(kv_pages.dtype)
-    k_new = k.astype(value_dtype).astype(jnp.float32).transpose(1, 0, 2)  # [H, T, D]
-    v_new = v.astype(value_dtype).astype(jnp.float32).transpose(1, 0, 2)
+    cache_dtype = value_dtype(kv_pages.dtype)
+    k_new = k.astype(cache_dtype).astype(jnp.float32).transpose(1, 0, 2)  # [H, T, D]
+    v_new = v.astype(cache_dtype).astype(jnp.float32).transpose(1, 0, 2)
     new_carry = _softmax_init((num_kv_heads, group, num_tokens), head_dim)
     new_block = min(num_tokens, _MAX_NEW_BLOCK)
     for start in range(0, num_tokens, new_block):

@@ -15,6 +15,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from kernels.backends import ATTENTION_BACKENDS_FOR_TESTS, MOE_BACKENDS
 from kernels.moe.reference import GroupedMatmulInputError, validate
 from kernels.moe.reference import grouped_matmul as reference_grouped_matmul
 from kernels.moe.routing import SortPlan, combine, select_experts, sort_by_expert
@@ -31,7 +32,7 @@ __all__ = [
     "sort_by_expert",
 ]
 
-BACKENDS = ("auto", "pallas", "reference", "pallas_tpu", "pallas_gpu")
+BACKENDS = MOE_BACKENDS + ATTENTION_BACKENDS_FOR_TESTS
 _KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 _log = logging.getLogger(__name__)

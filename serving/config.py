@@ -1,0 +1,80 @@
+"""Platform defaults resolved once: `ServerArgs` + the JAX platform -> the `RuntimeConfig` the runner, the
+scheduler and the KV cache planner take.
+
+Where a flag is omitted, CPU and accelerators differ (measured reasons in docs/architecture.md and
+docs/performance.md):
+
+| setting | CPU | TPU / GPU |
+|---|---|---|
+| `--dtype auto` | float32 (XLA:CPU's bfloat16 matvec is ~20x slower) | the checkpoint's dtype |
+| `--max-running-requests` | 64 | 256 |
+| `--chunked-prefill-size` | 512 | 8192 |
+| `--mem-fraction-static` (weights + KV pool) | 0.25 of RAM | 0.85 of device memory |
+| layer loop | unrolled over per-layer params | `lax.scan` over stacked params |
+
+Nothing else asks `jax.default_backend()` for a default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from serving.server_args import ServerArgs
+
+_DTYPES = {"float32": jnp.float32, "float": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+           "float16": jnp.float16, "half": jnp.float16}
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    platform: str  # "cpu", "tpu" or "gpu"
+    dtype: str  # the --dtype name; `model_dtype` resolves "auto" against the checkpoint
+    kv_cache_dtype: str  # "auto" (the model's dtype) or a dtype name
+    page_size: int
+    attention_backend: str  # the flag; resolved into an AttentionBackend by the runner
+    max_running_requests: int
+    chunked_prefill_size: int  # tokens per prefill chunk; a huge number when chunking is disabled
+    max_step_tokens: int  # tokens of one step: decodes + prefill chunks
+    context_length: int | None  # None: the model config's
+    max_total_tokens: int | None  # None: from `mem_fraction_static`
+    mem_fraction_static: float
+    unroll_layers: bool
+    schedule_policy: str = "fcfs"
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.platform == "cpu"
+
+    def model_dtype(self, checkpoint_dtype: str | None):
+        """`--dtype` as a jnp dtype; `auto` is float32 on CPU and the checkpoint's dtype elsewhere."""
+        if self.dtype != "auto":
+            return _DTYPES[self.dtype]
+        if self.on_cpu:
+            return jnp.float32
+        return _DTYPES.get(str(checkpoint_dtype or "bfloat16").replace("torch.", ""), jnp.bfloat16)
+
+    def cache_dtype(self, model_dtype):
+        return model_dtype if self.kv_cache_dtype == "auto" else _DTYPES[self.kv_cache_dtype]
+
+
+def resolve_runtime_config(args: ServerArgs, platform: str | None = None) -> RuntimeConfig:
+    platform = platform or jax.default_backend()
+    on_cpu = platform == "cpu"
+    max_running = args.max_running_requests or (64 if on_cpu else 256)
+    chunk = args.chunked_prefill_size or (512 if on_cpu else 8192)
+    chunking = chunk > 0  # -1 disables chunking: a prompt's whole prefill in one step
+    step_tokens = min(args.max_prefill_tokens, chunk) if chunking else args.max_prefill_tokens
+    if args.mem_fraction_static is not None:
+        fraction = args.mem_fraction_static
+    else:
+        fraction = 0.25 if on_cpu else 0.85
+    return RuntimeConfig(
+        platform=platform, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, page_size=args.page_size,
+        attention_backend=args.attention_backend, max_running_requests=max_running,
+        chunked_prefill_size=chunk if chunking else 1 << 30, max_step_tokens=max(step_tokens, max_running),
+        context_length=args.context_length, max_total_tokens=args.max_total_tokens, mem_fraction_static=fraction,
+        unroll_layers=on_cpu, schedule_policy=args.schedule_policy,
+    )

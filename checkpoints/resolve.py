@@ -13,9 +13,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from checkpoints.gguf import convert_gguf_to_hf_dir, is_converted_dir
-
 MODEL_KINDS = ("hf", "orbax")
+# What --load-format can name: the formats this resolver tells apart. "safetensors": a Hugging Face
+# directory (local or a hub id in the cache) read by checkpoints.safetensors; "gguf": a .gguf file,
+# converted once into such a directory.
+LOAD_FORMATS = ("auto", "safetensors", "gguf")
 # Files orbax writes into every checkpoint it saves (StandardCheckpointer, PyTreeCheckpointer, and
 # each step of a CheckpointManager).
 _ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt")
@@ -41,6 +43,10 @@ class ModelNotFoundError(ValueError):
         super().__init__(f"{model_path} (repository not found)")
 
 
+class RevisionNotFoundError(ValueError):
+    """--revision names no snapshot of the hub id in the local cache."""
+
+
 def cache_dir() -> Path:
     """pallas-serve's directory in the user's cache (converted models live here)."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "pallas-serve"
@@ -56,10 +62,35 @@ def hub_cache_dir() -> Path:
     return Path(os.environ.get("HF_HOME") or Path(xdg_cache) / "huggingface").expanduser() / "hub"
 
 
-def resolve_model_path(model_path: str | os.PathLike) -> ResolvedModel:
-    """Resolve --model-path: a local directory, a `.gguf` file (converted once, cached), or a hub id
-    found in the local Hugging Face cache (matched case-insensitively, as the hub does)."""
+def check_load_format(model_path: str | os.PathLike | None, load_format: str) -> None:
+    """Raise ValueError unless `model_path` can be read as `load_format` (judged from the path's
+    spelling alone, so it runs before anything is read). None, the bundled default model, fits every
+    format: it ships as GGUF and is loaded from the safetensors directory converted from it."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {load_format!r}.")
+    if model_path is None:
+        return  # the bundled default model: shipped as GGUF, loaded from its converted safetensors
     text = os.fspath(model_path)
+    is_gguf = text.lower().endswith(".gguf")
+    if load_format == "gguf" and not is_gguf:
+        raise ValueError(f"--load-format gguf needs a .gguf file as --model-path, got {text!r}.")
+    if load_format == "safetensors" and is_gguf:
+        raise ValueError(f"--load-format safetensors needs a Hugging Face directory or hub id as --model-path, "
+                         f"got the GGUF file {text!r} (use --load-format auto or gguf).")
+
+
+def resolve_model_path(model_path: str | os.PathLike, *, load_format: str = "auto",
+                       revision: str | None = None) -> ResolvedModel:
+    """Resolve --model-path: a local directory, a `.gguf` file (converted once, cached), or a hub id
+    found in the local Hugging Face cache (matched case-insensitively, as the hub does).
+
+    `load_format` must fit the path (`check_load_format`). `revision` (a branch, tag or commit) picks
+    a hub id's snapshot from the cache: `refs/{revision}`, or `snapshots/{revision}` for a commit;
+    None means `refs/main` (else the newest complete snapshot). Local paths ignore it, as
+    transformers does.
+    """
+    text = os.fspath(model_path)
+    check_load_format(text, load_format)
     local = Path(text).expanduser()
     if local.is_dir():
         if _is_orbax_checkpoint(local):
@@ -69,7 +100,7 @@ def resolve_model_path(model_path: str | os.PathLike) -> ResolvedModel:
         raise ModelNotFoundError(text)
     if local.is_file() and local.suffix.lower() == ".gguf":
         return ResolvedModel(_converted_gguf_dir(local), "hf")
-    snapshot = _hub_cache_snapshot(text) if _HUB_ID.fullmatch(text) else None
+    snapshot = _hub_cache_snapshot(text, revision) if _HUB_ID.fullmatch(text) else None
     if snapshot is None:
         raise ModelNotFoundError(text)
     return ResolvedModel(snapshot, "hf")
@@ -86,6 +117,9 @@ def _is_orbax_checkpoint(directory: Path) -> bool:
 def _converted_gguf_dir(gguf_path: Path) -> Path:
     """The Hugging Face directory for a GGUF file, converted on first use. The cache key covers the
     file's path, size and modification time, so an edited file is converted again."""
+    # Imported here: it pulls in gguf and tokenizers, which resolving a directory does not need.
+    from checkpoints.gguf import convert_gguf_to_hf_dir, is_converted_dir
+
     gguf_path = gguf_path.resolve()
     stat = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:12]
@@ -99,12 +133,12 @@ def _converted_gguf_dir(gguf_path: Path) -> Path:
     return convert_gguf_to_hf_dir(gguf_path, target, source=source)
 
 
-def _hub_cache_snapshot(repo_id: str) -> Path | None:
-    """The snapshot directory of `repo_id` in the local hub cache, or None.
+def _hub_cache_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
+    """The snapshot directory of `repo_id` in the local hub cache, or None when the repo is not there.
 
     The cache keeps one folder per repo, `models--{owner}--{name}`, spelled as the id was first
     downloaded; hub ids are case-insensitive, so an exact spelling wins and any other casing is
-    accepted.
+    accepted. A `revision` the cached repo lacks is a RevisionNotFoundError.
     """
     cache = hub_cache_dir()
     if not cache.is_dir():
@@ -114,10 +148,24 @@ def _hub_cache_snapshot(repo_id: str) -> Path | None:
     candidates = [exact] if exact.is_dir() else []
     candidates += sorted(c for c in cache.iterdir() if c.name.lower() == wanted.lower() and c != exact)
     for repo_dir in candidates:
-        snapshot = _snapshot_with_config(repo_dir)
+        snapshot = _snapshot_with_config(repo_dir) if revision is None else _revision_snapshot(repo_dir, revision)
         if snapshot is not None:
             return snapshot
+    if revision is not None and candidates:
+        raise RevisionNotFoundError(
+            f"{repo_id}: revision {revision!r} is not in the local Hugging Face cache ({candidates[0]})"
+        )
     return None
+
+
+def _revision_snapshot(repo_dir: Path, revision: str) -> Path | None:
+    """`refs/{revision}` (a branch or tag, e.g. "main" or "v1.0") or a commit `snapshots/{revision}`."""
+    ref = repo_dir / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    if "/" in commit or commit in ("", ".", ".."):
+        return None
+    snapshot = repo_dir / "snapshots" / commit
+    return snapshot if (snapshot / "config.json").is_file() else None
 
 
 def _snapshot_with_config(repo_dir: Path) -> Path | None:

@@ -7,18 +7,20 @@ tensor at a time, and a corrupt file is a clear error naming the file.
 
 from __future__ import annotations
 
+import itertools
 import json
 import mmap
-import re
 import struct
 from collections.abc import Iterator
 from pathlib import Path
 
-import jax.numpy as jnp
+import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
+
+from checkpoints.name_maps import WeightNameMap, weight_name_map_for
 
 _DTYPES = {
     "F64": np.float64,
@@ -34,9 +36,6 @@ _DTYPES = {
     "U8": np.uint8,
     "BOOL": np.bool_,
 }
-# Buffers transformers writes that are not parameters.
-_IGNORED = re.compile(r".*(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
-_LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.(.+)$")
 
 
 class CheckpointError(ValueError):
@@ -58,7 +57,8 @@ def safetensors_files(model_dir: Path) -> list[Path]:
 
 
 def iter_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield `(name, array)` for every tensor of one file; arrays are views of a memory map."""
+    """Yield `(name, array)` for every tensor of one file; arrays are views of a memory map, meant to
+    be copied out before the next one is asked for (their pages then leave the resident set)."""
     try:
         with open(path, "rb") as f:
             data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -98,89 +98,91 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
                     data, dtype=dtype, count=expected // np.dtype(dtype).itemsize, offset=base + start
                 ).reshape(shape),
             )
+            _release_pages(data, base + start, base + end)
     finally:
         del data
 
 
-def _target(name: str) -> tuple[tuple[str, ...], int | None]:
-    """HF tensor name -> (our param path with 'weight' as the leaf, layer index or None)."""
-    layer = None
-    m = _LAYER.match(name)
-    if m:
-        layer, name = int(m.group(1)), "layers." + m.group(2)
-    elif name.startswith("model."):
-        name = name[len("model.") :]
-    if name == "embed_tokens.weight":
-        return ("embed_tokens",), None
-    return tuple(name.split(".")), layer
+def _release_pages(data: mmap.mmap, start: int, end: int) -> None:
+    """Drop the pages of a tensor the caller is done with from this process's resident set.
 
-
-def _hf_name(path: tuple[str, ...], layer: int) -> str:
-    """Our param path -> the transformers tensor name it is read from (for error messages)."""
-    leaf = "weight" if path[-1] == "kernel" else path[-1]
-    if path == ("embed_tokens",):
-        return "model.embed_tokens.weight"
-    if path[0] == "lm_head":
-        return "lm_head.weight"
-    if path[0] == "layers":
-        return ".".join(("model.layers", str(layer), *path[1:-1], leaf))
-    return ".".join(("model", *path[:-1], leaf))
-
-
-def load_params(model: nnx.Module, model_dir: Path, dtype, *, progress: bool = True) -> nnx.State:
-    """Read every tensor of `model_dir` into a state shaped like `model`'s params, cast to `dtype`.
-
-    Torch Linear weights `[out, in]` land transposed in our `kernel` `[in, out]`; `layers.N.*` tensors
-    land in row N of the stacked layer params. Missing, unexpected and mis-shaped tensors are errors.
+    The mapping is read-only and file-backed, so a later read of those bytes (a caller that kept the
+    array) faults them in again from the page cache: correct either way. Without this, every page read
+    stays resident until the file is closed, which adds a whole copy of the checkpoint to the peak.
     """
+    if not hasattr(data, "madvise") or not hasattr(mmap, "MADV_DONTNEED") or end <= start:
+        return
+    first = start - start % mmap.PAGESIZE
+    data.madvise(mmap.MADV_DONTNEED, first, end - first)
+
+
+def load_params(model: nnx.Module, model_dir: Path, dtype, *, progress: bool = True,
+                name_map: WeightNameMap | None = None) -> nnx.State:
+    """Read every tensor of `model_dir` into a state shaped like `model`'s params, in `dtype`.
+
+    Names are mapped by `name_map` (default: the one `type(model)` declares, see
+    `checkpoints.name_maps`): torch Linear weights `[out, in]` land transposed in our `kernel`
+    `[in, out]`, `layers.N.*` tensors land in row N of the stacked layer params (and per-expert
+    tensors in their expert's row). Host buffers are allocated in `dtype` and each tensor is cast as it
+    is copied in, so a bfloat16 load never holds a float32 copy of the model. Missing, unexpected and
+    mis-shaped tensors are errors.
+    """
+    name_map = name_map or weight_name_map_for(model)
     state = nnx.state(model, nnx.Param)
     flat = {tuple(str(k) for k in path): leaf for path, leaf in nnx.to_flat_state(state)}
-    buffers = {path: np.zeros(leaf.shape, dtype=np.float32) for path, leaf in flat.items()}
-    stacked = {path for path in flat if path[0] == "layers"}
+    host_dtype = np.dtype(dtype)
+    buffers = {path: np.empty(leaf.shape, dtype=host_dtype) for path, leaf in flat.items()}
     num_layers = model.config.num_layers
-    seen: dict[tuple[str, ...], set[int]] = {path: set() for path in flat}
+    axes = {path: _stacked_axes(name_map, path) for path in flat}
+    seen: dict[tuple[str, ...], set[tuple[int, ...]]] = {path: set() for path in flat}
     tied = model.config.tie_word_embeddings
 
     files = safetensors_files(Path(model_dir))
     bar = tqdm(total=len(files), desc="Loading safetensors", unit="file", disable=not progress)
     for file in files:
         for name, array in iter_tensors(file):
-            if _IGNORED.match(name) or (tied and name == "lm_head.weight"):
+            if name_map.skips(name, tie_word_embeddings=tied):
                 continue
-            path, layer = _target(name)
-            transpose = False
-            if path not in flat and path[-1] == "weight":
-                path, transpose = path[:-1] + ("kernel",), True
-            if path not in flat or (layer is None) == (path in stacked):
+            target = name_map.to_param(name, flat)
+            if target is None:
                 raise CheckpointError(
                     f"unexpected tensor {name!r} in {file.name} for {model.config.architecture}"
                 )
-            if layer is not None and layer >= num_layers:
-                raise CheckpointError(f"tensor {name!r} names layer {layer}, but the model has {num_layers}")
+            path, index, transpose = target
+            buffer = buffers[path]
+            assert len(index) == axes[path], (name, path, index)  # to_param maps per-layer onto stacked only
+            if path[0] in name_map.stacked and index[0] >= num_layers:
+                raise CheckpointError(f"tensor {name!r} names layer {index[0]}, but the model has {num_layers}")
+            if any(i >= n for i, n in zip(index, buffer.shape[: len(index)], strict=True)):
+                raise CheckpointError(f"tensor {name!r} names expert {index[-1]}, but the model has "
+                                      f"{buffer.shape[len(index) - 1]}")
             value = array.T if transpose else array
-            want = buffers[path].shape[1:] if layer is not None else buffers[path].shape
+            want = buffer.shape[len(index):]
             if value.shape != want:
                 raise CheckpointError(
                     f"tensor {name!r} has shape {tuple(array.shape)}, expected "
                     f"{tuple(want[::-1]) if transpose else tuple(want)}"
                 )
-            if layer is None:
-                buffers[path][...] = value
-                seen[path].add(0)
-            else:
-                buffers[path][layer] = value
-                seen[path].add(layer)
+            buffer[index] = value  # the cast to `dtype` happens here, one tensor at a time
+            seen[path].add(index)
         bar.update(1)
     bar.close()
 
-    for path, layers in seen.items():
-        expected = set(range(num_layers)) if path in stacked else {0}
-        if layers != expected:
-            missing = sorted(expected - layers)
-            raise CheckpointError(f"missing tensor {_hf_name(path, missing[0])!r} in {model_dir}"
+    for path, indices in seen.items():
+        expected = set(itertools.product(*(range(n) for n in buffers[path].shape[: axes[path]])))
+        if indices != expected:
+            missing = sorted(expected - indices)
+            raise CheckpointError(f"missing tensor {name_map.to_hf_name(path, missing[0])!r} in {model_dir}"
                                   + (f" ({len(missing)} layers lack it)" if len(missing) > 1 else ""))
 
     for path, leaf in nnx.to_flat_state(state):
         key = tuple(str(k) for k in path)
-        leaf.set_value(jnp.asarray(buffers.pop(key), dtype=dtype))
+        # One param at a time, waiting for each copy: the host buffer is freed before the next copy
+        # starts, so the peak is the host buffers plus one param, not two copies of the model.
+        leaf.set_value(jax.device_put(buffers.pop(key)).block_until_ready())
     return state
+
+
+def _stacked_axes(name_map: WeightNameMap, path: tuple[str, ...]) -> int:
+    """How many leading axes of param `path` index tensors (layer, expert) rather than values."""
+    return int(path[0] in name_map.stacked) + int(name_map.is_expert_param(path))

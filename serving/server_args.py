@@ -6,6 +6,10 @@ where the flag means the same thing for us, so existing launch commands work. Ou
 `pallas` / `reference` backend choices. Every value is validated in `ServerArgs.__post_init__`, so a
 ServerArgs built from Python is checked exactly like one built from the command line.
 
+Flags whose feature a later issue brings (parallelism, metrics, embeddings, MoE, ...) keep SGLang's
+names so existing launch commands parse, but only at their neutral value: `NOT_SUPPORTED_YET` lists
+each with that value and the reason it is refused otherwise.
+
 Defaults that differ from SGLang, and why:
 - `model_path` may be omitted: None means the bundled default model (SmolLM2-135M-Instruct), which
   the engine resolves.
@@ -24,6 +28,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from checkpoints.resolve import LOAD_FORMATS, check_load_format
+
 DTYPE_CHOICES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 LOG_LEVEL_CHOICES = ("debug", "info", "warning", "error", "critical")
 SCHEDULE_POLICY_CHOICES = ("fcfs", "lpm")
@@ -33,6 +39,30 @@ KV_CACHE_DTYPE_CHOICES = ("auto", "bf16", "bfloat16")
 KV_CACHE_DTYPES_LATER = ("fp8_e5m2", "fp8_e4m3", "fp4_e2m1")  # SGLang's other choices
 EXPERT_RECORDER_MODE_CHOICES = ("stat", "per_pass", "per_token")
 SAMPLING_DEFAULTS_CHOICES = ("model", "openai")
+LOAD_FORMAT_CHOICES = LOAD_FORMATS  # the formats the resolver tells apart
+LOAD_FORMATS_LATER = ("pt", "npcache", "dummy", "sharded_state", "bitsandbytes", "layered", "remote",
+                      "remote_instance")  # SGLang's other choices
+
+_ONE_DEVICE = "one device per server for now"
+_NO_MOE = "no mixture-of-experts model is served yet"
+# field -> (neutral value, why any other value is refused). At the neutral value the flag changes
+# nothing, which is exactly what the server does today; anything else asks for a feature that is not
+# there, so start-up refuses it rather than silently ignoring it.
+NOT_SUPPORTED_YET: dict[str, tuple[Any, str]] = {
+    "is_embedding": (False, "generation models only for now"),
+    "enable_metrics": (False, "there is no /metrics endpoint yet"),
+    "enable_cache_report": (False, "the OpenAI completion routes that report cached tokens are not served yet"),
+    "watchdog_timeout": (300.0, "there is no forward-step watchdog yet"),
+    "max_queued_requests": (None, "the waiting queue has no cap for now"),
+    "sampling_defaults": ("model", "the OpenAI chat route it applies to is not served yet"),
+    "revision": (None, "a hub id is served from its refs/main snapshot in the local Hugging Face cache"),
+    "tp_size": (1, _ONE_DEVICE),
+    "dp_size": (1, _ONE_DEVICE),
+    "ep_size": (1, _ONE_DEVICE),
+    "moe_backend": ("auto", _NO_MOE),
+    "expert_distribution_recorder_mode": (None, _NO_MOE),
+    "expert_distribution_recorder_buffer_size": (None, _NO_MOE),
+}
 
 
 def default_compilation_cache_dir() -> str:
@@ -61,13 +91,20 @@ class ServerArgs:
     tokenizer_path: str | None = _arg(None, "Tokenizer location; omitted = the model path.", type=str)
     skip_tokenizer_init: bool = _arg(
         False, "Load no tokenizer: requests must give input_ids and responses carry no text.")
-    load_format: str = _arg("auto", "Weight format to load (auto picks from the files found).", type=str)
+    load_format: str = _arg(
+        "auto", "Weight format: auto (from what --model-path names), safetensors (a Hugging Face directory "
+        "or hub id; refuses a .gguf path), gguf (a .gguf file, converted once; refuses anything else). "
+        "SGLang's other formats are not supported yet.", type=str,
+        choices=LOAD_FORMAT_CHOICES + LOAD_FORMATS_LATER)
     trust_remote_code: bool = _arg(False, "Accepted for compatibility; no remote code is ever run.")
-    revision: str | None = _arg(None, "Hugging Face revision (branch, tag or commit).", type=str)
+    revision: str | None = _arg(
+        None, "Hugging Face revision; not supported yet (a hub id is served from its refs/main snapshot in "
+        "the local cache).", type=str)
     context_length: int | None = _arg(None, "Max context length; omitted = the model config's.", type=int)
-    is_embedding: bool = _arg(False, "Serve the model as an embedding / reward / cross-encoder model.")
+    is_embedding: bool = _arg(False, "Serve the model as an embedding / reward / cross-encoder model: not "
+                              "supported yet.")
     served_model_name: str | None = _arg(
-        None, "Name reported by /v1/models and metrics; omitted = the model path.", type=str)
+        None, "Name reported by /v1/models and /get_model_info; omitted = the model path.", type=str)
     weight_version: str = _arg("default", "Initial weight version string.", type=str)
     dtype: str = _arg("auto", "Weight and activation dtype.", type=str, choices=DTYPE_CHOICES)
     kv_cache_dtype: str = _arg(
@@ -79,20 +116,21 @@ class ServerArgs:
     host: str = _arg("127.0.0.1", "Bind address.", type=str)
     port: int = _arg(30000, "HTTP port.", type=int)
     log_level: str = _arg("info", "Log level of all loggers.", type=str.lower, choices=LOG_LEVEL_CHOICES)
-    api_key: str | None = _arg(None, "Bearer key required on every route except /health* and /metrics.",
-                               type=str)
+    api_key: str | None = _arg(None, "Bearer key required on every route except /health and "
+                               "/health_generate.", type=str)
     skip_server_warmup: bool = _arg(False, "Mark the server ready without the warm-up request.")
-    enable_metrics: bool = _arg(False, "Collect Prometheus metrics and mount /metrics.")
+    enable_metrics: bool = _arg(False, "Prometheus metrics on /metrics: not supported yet.")
     enable_cache_report: bool = _arg(
-        False, "Report cached prompt tokens in OpenAI responses (usage.prompt_tokens_details).")
-    watchdog_timeout: float = _arg(300.0, "Crash if one forward step hangs this many seconds.", type=float)
+        False, "Cached prompt tokens in OpenAI responses: not supported yet (no OpenAI completion routes).")
+    watchdog_timeout: float = _arg(
+        300.0, "Forward-step watchdog timeout in seconds: not supported yet (accepted at 300).", type=float)
 
     # Memory and scheduling
     page_size: int = _arg(16, "Tokens per KV-cache page (a power of two).", type=int)
     max_running_requests: int | None = _arg(None, "Max concurrently running requests; omitted = auto.",
                                             type=int)
     max_queued_requests: int | None = _arg(
-        None, "Queue cap; a request beyond it gets 503 'The request queue is full.'", type=int)
+        None, "Cap on waiting requests: not supported yet (the queue has no cap).", type=int)
     max_total_tokens: int | None = _arg(None, "KV pool size in tokens; omitted = from memory.", type=int)
     mem_fraction_static: float | None = _arg(
         None, "Fraction of device memory for weights + KV pool; omitted = auto.", type=float)
@@ -109,8 +147,8 @@ class ServerArgs:
         None, "JSON object merged under every /generate request's sampling_params (request keys win).",
         type=str)
     sampling_defaults: str = _arg(
-        "model", "'model': chat completions default to the model's generation_config; 'openai': to the "
-        "OpenAI constants.", type=str, choices=SAMPLING_DEFAULTS_CHOICES)
+        "model", "Sampling defaults of OpenAI chat completions: not supported yet (no chat route; accepted "
+        "at 'model').", type=str, choices=SAMPLING_DEFAULTS_CHOICES)
     stream_interval: int = _arg(1, "Tokens per streamed chunk.", type=int)
     stream_output: bool = _arg(False, "Stream only the output_ids new since the previous chunk.")
     allow_auto_truncate: bool = _arg(False, "Truncate over-long prompts instead of answering 400.")
@@ -120,8 +158,8 @@ class ServerArgs:
         "auto", "Attention implementation: auto (the platform's kernel: Pallas on TPU / GPU, the native "
         "kernel on CPU), pallas, cpu (the native CPU kernel), reference (plain jnp).", type=str,
         choices=ATTENTION_BACKEND_CHOICES)
-    moe_backend: str = _arg("auto", "MoE grouped-matmul implementation (auto picks by platform).", type=str,
-                            choices=BACKEND_CHOICES)
+    moe_backend: str = _arg("auto", "MoE grouped-matmul implementation: not supported yet (no MoE model; "
+                            "accepted at auto).", type=str, choices=BACKEND_CHOICES)
     precompile: bool = _arg(True, "Do not compile every shape bucket at startup (compile on first use).",
                             flag="--disable-precompile")
     compilation_cache_dir: str | None = _arg(
@@ -130,16 +168,18 @@ class ServerArgs:
     disable_compilation_cache: bool = _arg(False, "Do not use the persistent JAX compilation cache.")
 
     # Parallelism
-    tp_size: int = _arg(1, "Tensor-parallel degree.", type=int, aliases=("--tensor-parallel-size",))
-    dp_size: int = _arg(1, "Data-parallel degree.", type=int, aliases=("--data-parallel-size",))
-    ep_size: int = _arg(1, "Expert-parallel degree.", type=int, aliases=("--ep",))
+    tp_size: int = _arg(1, "Tensor-parallel degree: not supported yet (1 only).", type=int,
+                        aliases=("--tensor-parallel-size",))
+    dp_size: int = _arg(1, "Data-parallel degree: not supported yet (1 only).", type=int,
+                        aliases=("--data-parallel-size",))
+    ep_size: int = _arg(1, "Expert-parallel degree: not supported yet (1 only).", type=int, aliases=("--ep",))
 
     # Expert-distribution recording (MoE)
     expert_distribution_recorder_mode: str | None = _arg(
-        None, "Record router expert choices (off when omitted).", type=str,
+        None, "Record router expert choices: not supported yet (no MoE model).", type=str,
         choices=EXPERT_RECORDER_MODE_CHOICES)
     expert_distribution_recorder_buffer_size: int | None = _arg(
-        None, "Forward passes kept by the recorder; -1 = unbounded; omitted = 1000.", type=int)
+        None, "Forward passes kept by the expert recorder: not supported yet (no MoE model).", type=int)
 
     def __post_init__(self) -> None:
         if isinstance(self.log_level, str):
@@ -184,11 +224,25 @@ class ServerArgs:
             raise ValueError(f"watchdog_timeout must be positive, got {self.watchdog_timeout}.")
         if not self.load_format:
             raise ValueError("load_format must be a non-empty string.")
+        if self.load_format in LOAD_FORMATS_LATER:
+            raise ValueError(f"--load-format {self.load_format} is not supported yet; use one of "
+                             f"{', '.join(LOAD_FORMAT_CHOICES)}.")
+        check_load_format(self.model_path, self.load_format)
+        self._refuse_features_not_there_yet()
         self._preferred = self._parse_preferred_sampling_params()
         if self.compilation_cache_dir is None:
             self.compilation_cache_dir = default_compilation_cache_dir()
         else:
             self.compilation_cache_dir = os.path.expanduser(self.compilation_cache_dir)
+
+    def _refuse_features_not_there_yet(self) -> None:
+        for name, (neutral, reason) in NOT_SUPPORTED_YET.items():
+            value = getattr(self, name)
+            if value == neutral:
+                continue
+            flag = "--" + name.replace("_", "-")
+            shown = flag if isinstance(value, bool) else f"{flag} {value}"
+            raise ValueError(f"{shown} is not supported yet ({reason}).")
 
     def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
         value = getattr(self, name)

@@ -1,4 +1,4 @@
-"""Request validation and normalization (serving/protocol.py) against the contract's exact messages."""
+"""Request validation and normalization (serving/protocol/) against the contract's exact messages."""
 
 from __future__ import annotations
 
@@ -9,17 +9,13 @@ import pytest
 from serving.protocol import (
     NOT_SUPPORTED_SUFFIX,
     DetokenizeRequest,
+    FinishReason,
     GenerateItem,
     RequestError,
     SamplingParams,
     SchemaError,
     TokenizeRequest,
     UpdateWeightsRequest,
-    finish_abort,
-    finish_abort_waiting,
-    finish_length,
-    finish_stop_str,
-    finish_stop_token,
     merge_preferred,
     parse_abort_request,
     parse_detokenize_request,
@@ -534,10 +530,11 @@ def test_detokenize_request():
 
 
 def test_finish_reason_shapes():
-    assert finish_stop_token(151643) == {"type": "stop", "matched": 151643}
-    assert finish_stop_str("\n\n") == {"type": "stop", "matched": "\n\n"}
-    assert finish_length(0) == {"type": "length", "length": 0}
-    assert finish_abort("Aborted") == {"type": "abort", "message": "Aborted", "status_code": None, "err_type": None}
-    assert finish_abort("The request queue is full.", 503, "ServiceUnavailable") == {
+    assert FinishReason.stop_token(151643).to_dict() == {"type": "stop", "matched": 151643}
+    assert FinishReason.stop_string("\n\n").to_dict() == {"type": "stop", "matched": "\n\n"}
+    assert FinishReason.max_length(0).to_dict() == {"type": "length", "length": 0}
+    assert FinishReason.abort("Aborted").to_dict() == {
+        "type": "abort", "message": "Aborted", "status_code": None, "err_type": None}
+    assert FinishReason.abort("The request queue is full.", 503, "ServiceUnavailable").to_dict() == {
         "type": "abort", "message": "The request queue is full.", "status_code": 503, "err_type": "ServiceUnavailable"}
-    assert finish_abort_waiting() == {"type": "abort", "message": "Abort in waiting queue"}
+    assert FinishReason.abort_waiting().to_dict() == {"type": "abort", "message": "Abort in waiting queue"}

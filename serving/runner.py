@@ -220,9 +220,7 @@ class ModelRunner:
         cu_q_lens[num_seqs + 1 :] = cu_q_lens[num_seqs]
         logits_indices = np.zeros(seqs, np.int32)
         logits_indices[:num_seqs] = cu_q_lens[1 : num_seqs + 1] - 1
-        sampling = SamplingBatch.host_arrays(seqs)
-        for name, values in host.sampling.items():
-            sampling[name][:num_seqs] = values
+        sampling = SamplingBatch.pad(host.sampling, seqs)
         meta = AttentionMetadata(kv_lens, page_indices, cu_q_lens, np.array([num_seqs], np.int32))
         rope = rope_tables(positions, *self._rope_frequencies, xp=np)
         return StepBatch(input_ids, positions, meta, logits_indices, SamplingBatch(**sampling), rope)

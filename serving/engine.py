@@ -2,8 +2,9 @@
 
 `Engine(model_path=..., **server_args)` loads the model, sizes the KV cache, compiles the step buckets
 and starts the scheduler thread. `generate()` / `async_generate()` take the same arguments as the
-`/generate` body and return the same dicts; the server calls `stream_generate()` with a request that
-`protocol.py` already validated.
+`/generate` body and return the same dicts; the HTTP layer calls `stream_outputs()` with a request that
+`serving.protocol` already validated and formats the typed `Output`s it yields with `formatter()`.
+Everything the HTTP layer asks goes through a method here, never through the scheduler.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import os
 import queue
 import random
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -26,13 +26,15 @@ import jax
 from serving.config import resolve_runtime_config
 from serving.prefix_cache import PrefixCache
 from serving.protocol import (
+    GenerateFormatter,
     GenerateItem,
     NormalizedGenerate,
+    Output,
     RequestError,
     UpdateWeightsRequest,
     parse_generate_request,
 )
-from serving.request import Output, Request
+from serving.request import Request, Task
 from serving.runner import ModelRunner
 from serving.scheduler import Scheduler
 from serving.server_args import ServerArgs
@@ -121,9 +123,17 @@ class Engine:
             skip_tokenizer_init=self.server_args.skip_tokenizer_init,
         )
 
+    @property
+    def task(self) -> Task:
+        """The task the served model performs: every model served today is a causal LM."""
+        return Task.GENERATE
+
     def _make_request(self, item: GenerateItem, stream: bool, emit: Callable[[Output], None],
-                      prefill_only: bool = False) -> Request:
+                      prefill_only: bool = False, task: Task = Task.GENERATE) -> Request:
         """Tokenize and check one item against the model's limits (RequestError -> HTTP 400)."""
+        if task is not self.task:
+            raise RequestError(f"This server runs a {self.task.value} model; {task.value} requests are not "
+                               "supported by it.")
         sp = item.sampling
         input_ids = list(item.input_ids) if item.input_ids is not None else self.tokenizer.encode(item.text)
         n = len(input_ids)
@@ -141,7 +151,7 @@ class Engine:
                 f"Input length ({n} tokens) exceeds the maximum allowed length ({self.max_req_input_len} tokens). "
                 "Use a shorter input or enable --allow-auto-truncate."
             )
-        max_new = 0 if prefill_only else sp.max_new_tokens
+        max_new = 0 if prefill_only or task is not Task.GENERATE else sp.max_new_tokens
         if max_new is not None and max_new + n >= self.context_length:
             if not self.server_args.allow_auto_truncate:
                 raise RequestError(
@@ -155,43 +165,34 @@ class Engine:
             max_new = min(self.context_length, self.max_total_num_tokens) - n - 1
         stop_ids = frozenset() if sp.ignore_eos else self.eos_token_ids | frozenset(sp.stop_token_ids)
         detok = None if self.tokenizer is None else IncrementalDetokenizer(self.tokenizer, sp.skip_special_tokens)
+        seed = (sp.sampling_seed & 0xFFFFFFFF) if sp.sampling_seed is not None else self._rng.getrandbits(31)
         return Request(
-            rid=item.rid, input_ids=input_ids, max_new_tokens=max_new, min_new_tokens=sp.min_new_tokens,
-            stop_ids=stop_ids, stop_strings=tuple(sp.stop), no_stop_trim=sp.no_stop_trim,
-            temperature=0.0 if sp.greedy else sp.temperature, top_k=sp.top_k, top_p=sp.top_p,
-            min_p=sp.min_p,
-            seed=(sp.sampling_seed & 0xFFFFFFFF) if sp.sampling_seed is not None else self._rng.getrandbits(31),
-            stream=stream, stream_interval=sp.stream_interval or self.server_args.stream_interval,
-            emit=emit, detokenizer=detok,
+            rid=item.rid, index=item.index, input_ids=input_ids, sampling=sp, task=task,
+            max_new_tokens=max_new, seed=seed, stop_ids=stop_ids, stream=stream,
+            stream_interval=sp.stream_interval or self.server_args.stream_interval, emit=emit,
+            detokenizer=detok,
         )
 
-    def _format(self, out: Output, start: float, first: bool, stream: bool) -> dict[str, Any]:
-        meta: dict[str, Any] = {
-            "id": out.rid, "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
-            "weight_version": self.weight_version, "total_retractions": out.retractions,
-            "completion_tokens": out.completion_tokens, "cached_tokens": out.cached_tokens,
-        }
-        if out.finished or not stream:
-            meta["e2e_latency"] = time.perf_counter() - start
-        if first:
-            meta["response_sent_to_client_ts"] = time.time()
-        result: dict[str, Any] = {"output_ids": out.output_ids, "meta_info": meta}
-        if self.tokenizer is not None:
-            result = {"text": out.text, **result}
-        return result
+    def formatter(self, request: NormalizedGenerate) -> GenerateFormatter:
+        """Formats this call's outputs as `/generate` does (one formatter per call: it keeps per-item
+        stream state)."""
+        return GenerateFormatter(
+            weight_version=self.weight_version, with_text=self.tokenizer is not None, stream=request.stream,
+            is_batch=request.is_batch, stream_output=self.server_args.stream_output,
+        )
 
-    async def stream_generate(self, request: NormalizedGenerate) -> AsyncIterator[tuple[int, dict[str, Any]]]:
-        """Yield `(index, output dict)` as outputs arrive; every item ends with a finished output.
+    async def stream_outputs(self, request: NormalizedGenerate, task: Task = Task.GENERATE) -> AsyncIterator[Output]:
+        """Yield each item's outputs as they arrive (`Output.index` says which item); every item ends
+        with a finished output. Only the served model's task is accepted (RequestError otherwise).
 
         If the consumer stops early (client disconnect, cancellation), the unfinished requests are
         aborted so their pages are freed.
         """
         loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue = asyncio.Queue()
-        start = time.perf_counter()
+        outputs: asyncio.Queue[Output] = asyncio.Queue()
 
-        def sink(index: int) -> Callable[[Output], None]:
-            return lambda out: loop.call_soon_threadsafe(outputs.put_nowait, (index, out))
+        def emit(out: Output) -> None:
+            loop.call_soon_threadsafe(outputs.put_nowait, out)
 
         if request.n > 1 and not self.server_args.disable_radix_cache:
             # Like SGLang: one prefill-only copy per prompt first, so the n samples share its prefix.
@@ -199,35 +200,34 @@ class Engine:
             for item in request.items:
                 key = item.text if item.input_ids is None else tuple(item.input_ids)
                 warm.setdefault(key, item)
-            warm_reqs = [self._make_request(item, False, sink(-1), prefill_only=True) for item in warm.values()]
+            warm_reqs = [self._make_request(item, False, emit, prefill_only=True, task=task)
+                         for item in warm.values()]
             for r in warm_reqs:
                 r.rid = f"{r.rid}_warmup"
                 self.scheduler.submit(r)
-            for _ in warm_reqs:
-                await outputs.get()
-        requests = [self._make_request(item, request.stream, sink(item.index)) for item in request.items]
+            warm_rids = {r.rid for r in warm_reqs}
+            while warm_rids:
+                warm_rids.discard((await outputs.get()).rid)
+        requests = [self._make_request(item, request.stream, emit, task=task) for item in request.items]
         for r in requests:
             self.scheduler.submit(r)
         pending = {r.rid for r in requests}
-        first_sent: set[int] = set()
         try:
             while pending:
-                index, out = await outputs.get()
+                out = await outputs.get()
                 if out.finished:
                     pending.discard(out.rid)
-                yield index, self._format(out, start, index not in first_sent, request.stream)
-                first_sent.add(index)
+                yield out
         finally:
             for rid in pending:
                 self.scheduler.abort(rid)
 
     async def generate_request(self, request: NormalizedGenerate) -> dict | list[dict]:
-        results: dict[int, dict] = {}
-        async for index, out in self.stream_generate(request):
-            if out["meta_info"]["finish_reason"] is not None:
-                results[index] = out
-        ordered = [results[i] for i in sorted(results)]
-        return ordered if request.is_batch else ordered[0]
+        """The `/generate` body of a validated request, run to the end (aborts included)."""
+        formatter = self.formatter(request)
+        async for out in self.stream_outputs(request):
+            formatter.collect(out)
+        return formatter.response()
 
     # -- Python API (notebooks, scripts) ------------------------------------------------------------
     async def async_generate(self, stream: bool = False, **body: Any):
@@ -236,8 +236,9 @@ class Engine:
             return await self.generate_request(request)
 
         async def chunks():
-            async for index, out in self.stream_generate(request):
-                yield ({"index": index, **out} if request.is_batch else out)
+            formatter = self.formatter(request)
+            async for out in self.stream_outputs(request):
+                yield formatter.chunk(out)
 
         return chunks()
 
@@ -304,15 +305,29 @@ class Engine:
             message += f" Weight version updated to {request.weight_version}."
         return result(True, message)
 
-    # -- control ----------------------------------------------------------------------------------
-    def flush_cache(self) -> bool:
-        return self.scheduler.call(self.scheduler.flush).result()
+    # -- control and information (awaitables read on the scheduler thread, between two steps) --------
+    async def flush_cache(self) -> bool:
+        """Drop the prefix cache; False (nothing done) while any request is running or waiting."""
+        return await asyncio.wrap_future(self.scheduler.call(self.scheduler.flush))
 
     def abort(self, rid: str, abort_all: bool = False) -> None:
+        """Abort every request whose id starts with `rid` (all of them with `abort_all`)."""
         self.scheduler.abort(rid, abort_all)
 
-    def get_load(self) -> dict[str, int]:
-        return self.scheduler.call(self.scheduler.load).result()
+    async def get_load(self) -> dict[str, int]:
+        """`num_reqs` (running + waiting), `num_waiting_reqs`, `num_tokens` (KV in use + queued)."""
+        return await asyncio.wrap_future(self.scheduler.call(self.scheduler.load))
+
+    async def get_server_info(self) -> dict[str, Any]:
+        """`server_info()` with the page counts read on the scheduler thread."""
+        return self.server_info(await asyncio.wrap_future(self.page_counts_future()))
+
+    def model_info(self) -> dict[str, Any]:
+        """`/get_model_info`'s body (contract 5.1, the 0.5.6 keys we have)."""
+        return {"model_path": self.model_path, "tokenizer_path": self.tokenizer_path,
+                "is_generation": self.task is Task.GENERATE,
+                "preferred_sampling_params": self.server_args.preferred_sampling_params,
+                "weight_version": self.weight_version}
 
     def page_counts_future(self) -> Future:
         """Page states, read on the scheduler thread (the only one that touches the cache)."""

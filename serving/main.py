@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     # Imported after argument parsing so `--help` and flag errors answer without loading JAX.
     from serving.engine import Engine
-    from serving.server import create_app
+    from serving.http.app import create_app
 
     try:
         engine = Engine(args)

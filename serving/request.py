@@ -1,51 +1,49 @@
-"""One generation request as the scheduler sees it: tokens, pages, progress, stop conditions, output."""
+"""One request as the scheduler sees it: its task, tokens, pages, progress, stop conditions, output.
+
+A request carries the client's validated `SamplingParams` as they are plus the few values the engine
+resolved for it (seed, effective max_new_tokens, stop ids); the scheduler reads sampler settings from
+`sampler_row()`, so no layer copies the sampling fields one by one.
+"""
 
 from __future__ import annotations
 
+import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from serving.protocol import FinishReason, Output, SamplingParams
 from serving.tokenizer import IncrementalDetokenizer
 
 
-@dataclass
-class Output:
-    """A snapshot handed to the engine: cumulative text and ids, plus the counters of meta_info."""
+class Task(enum.Enum):
+    """What a request asks of the model. Only `generate` samples tokens; the others end after their
+    prompt's prefill (pooling / scoring heads come with the model kinds that serve them)."""
 
-    rid: str
-    text: str
-    output_ids: list[int]
-    finish_reason: dict[str, Any] | None
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    retractions: int
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
+    GENERATE = "generate"
+    EMBED = "embed"
+    SCORE = "score"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class Request:
     rid: str
     input_ids: list[int]
-    max_new_tokens: int
-    min_new_tokens: int
+    sampling: SamplingParams
+    max_new_tokens: int  # resolved by the engine: the client's value, or the room the context leaves
+    seed: int  # resolved by the engine: the client's sampling_seed or a fresh one (uint32)
     stop_ids: frozenset[int]  # EOS and stop_token_ids; empty with ignore_eos
-    stop_strings: tuple[str, ...]
-    no_stop_trim: bool
-    temperature: float
-    top_k: int
-    top_p: float
-    min_p: float
-    seed: int
-    stream: bool
-    stream_interval: int
     emit: Callable[[Output], None]
     detokenizer: IncrementalDetokenizer | None  # None with --skip-tokenizer-init
+    task: Task = Task.GENERATE
+    index: int = 0  # position in its /generate response
+    stream: bool = False
+    stream_interval: int = 1
+    # Whether the prompt's computed KV may go into the radix cache when the request releases its pages.
+    # True for generate requests (the n > 1 warm-up copy exists to leave its prompt there); other tasks
+    # may run with attention whose KV a causal decode must not reuse, so they never insert.
+    cache_kv: bool | None = None
     created: float = field(default_factory=time.monotonic)
 
     output_ids: list[int] = field(default_factory=list)
@@ -54,14 +52,23 @@ class Request:
     prefix_handle: Any = None
     cached_tokens: int | None = None  # set at first admission
     retractions: int = 0
-    finish_reason: dict[str, Any] | None = None
+    finish_reason: FinishReason | None = None
     _emitted_tokens: int = 0
     _text: str = ""
+
+    def __post_init__(self) -> None:
+        if self.cache_kv is None:
+            self.cache_kv = self.task is Task.GENERATE
 
     # -- tokens ---------------------------------------------------------------------------------
     @property
     def total_len(self) -> int:
         return len(self.input_ids) + len(self.output_ids)
+
+    @property
+    def prefill_only(self) -> bool:
+        """Finishes after its prompt's last prefill chunk: no decode, no token appended."""
+        return self.task is not Task.GENERATE or self.max_new_tokens == 0
 
     def tokens(self, start: int, end: int) -> list[int]:
         """Tokens `[start, end)` of prompt + output, without building the whole list."""
@@ -74,35 +81,42 @@ class Request:
 
     def banned_ids(self) -> list[int]:
         """Ids masked while `min_new_tokens` is not reached (EOS and stop ids)."""
-        return sorted(self.stop_ids) if len(self.output_ids) < self.min_new_tokens else []
+        return sorted(self.stop_ids) if len(self.output_ids) < self.sampling.min_new_tokens else []
+
+    def sampler_row(self) -> dict[str, float | int]:
+        """This request's row of the sampler's batch (`SamplingBatch` fields, banned_ids apart)."""
+        sp = self.sampling
+        return {"temperature": 0.0 if sp.greedy else sp.temperature, "top_k": sp.top_k, "top_p": sp.top_p,
+                "min_p": sp.min_p, "seeds": self.seed, "steps": len(self.output_ids)}
 
     # -- progress -------------------------------------------------------------------------------
     def append_token(self, token: int) -> None:
         """Record a sampled token and decide whether the request is finished."""
         self.output_ids.append(token)
         if token in self.stop_ids:  # masked on device until min_new_tokens is reached
-            self.finish_reason = {"type": "stop", "matched": token}
+            self.finish_reason = FinishReason.stop_token(token)
         elif self.detokenizer is not None:
             before = len(self.detokenizer.text)
             self.detokenizer.add(token)
             self._check_stop_strings(before)
         if self.finish_reason is None and len(self.output_ids) >= self.max_new_tokens:
-            self.finish_reason = {"type": "length", "length": self.max_new_tokens}
+            self.finish_reason = FinishReason.max_length(self.max_new_tokens)
 
     def _check_stop_strings(self, before: int) -> None:
-        if not self.stop_strings:
+        stop_strings = self.sampling.stop
+        if not stop_strings:
             return
         text = self.detokenizer.text
-        longest = max(len(s) for s in self.stop_strings)
+        longest = max(len(s) for s in stop_strings)
         window_start = max(0, before - longest + 1)
-        hits = [(text.find(s, window_start), s) for s in self.stop_strings]
+        hits = [(text.find(s, window_start), s) for s in stop_strings]
         hits = [(i, s) for i, s in hits if i >= 0]
         if hits:
             index, stop = min(hits)
-            self.finish_reason = {"type": "stop", "matched": stop}
-            self._text = text if self.no_stop_trim else text[:index]
+            self.finish_reason = FinishReason.stop_string(stop)
+            self._text = text if self.sampling.no_stop_trim else text[:index]
 
-    def finish(self, reason: dict[str, Any]) -> None:
+    def finish(self, reason: FinishReason) -> None:
         self.finish_reason = reason
 
     # -- output ---------------------------------------------------------------------------------
@@ -110,13 +124,13 @@ class Request:
         if self.detokenizer is None:
             return ""
         if self.finish_reason is not None:
-            if self.finish_reason.get("type") == "stop" and isinstance(self.finish_reason.get("matched"), str):
+            if self.finish_reason.matched_string:
                 return self._text
             return self.detokenizer.finish()
         text = self.detokenizer.text
         # Hold back the longest tail that may still grow into a stop string.
         hold = max(
-            (k for stop in self.stop_strings for k in range(1, min(len(stop) - 1, len(text)) + 1)
+            (k for stop in self.sampling.stop for k in range(1, min(len(stop) - 1, len(text)) + 1)
              if text.endswith(stop[:k])),
             default=0,
         )
@@ -124,7 +138,7 @@ class Request:
 
     def snapshot(self) -> Output:
         return Output(
-            rid=self.rid, text=self.current_text(), output_ids=list(self.output_ids),
+            rid=self.rid, index=self.index, text=self.current_text(), output_ids=list(self.output_ids),
             finish_reason=self.finish_reason, prompt_tokens=len(self.input_ids),
             completion_tokens=len(self.output_ids), cached_tokens=self.cached_tokens or 0,
             retractions=self.retractions,

@@ -192,9 +192,7 @@ class ModelRunner:
         cu_q_lens[num_seqs + 1 :] = cu_q_lens[num_seqs]
         logits_indices = np.zeros(seqs, np.int32)
         logits_indices[:num_seqs] = cu_q_lens[1 : num_seqs + 1] - 1
-        sampling = SamplingBatch.host_arrays(seqs)
-        for name, values in host.sampling.items():
-            sampling[name][:num_seqs] = values
+        sampling = SamplingBatch.pad(host.sampling, seqs)
         meta = AttentionMetadata(kv_lens, page_indices, cu_q_lens, np.array([num_seqs], np.int32))
         # Rope tables on the host: inside the jit XLA:CPU fused cos / sin into every layer's rotation.
         rope = rope_tables(positions, *self._rope_frequencies, xp=np)

@@ -13,7 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Per-request banned ids (EOS and stop ids while `min_new_tokens` is not reached), padded with -1.
+# Per-request banned ids (EOS and stop ids while `min_new_tokens` is not reached), padded with -1. The
+# width is the batch's: at least this many columns (the precompiled shape), more when a request in the
+# step bans more ids (the scheduler rounds the width up to a power of two, so few shapes ever compile).
 MAX_BANNED_IDS = 8
 
 
@@ -24,10 +26,10 @@ class SamplingBatch(NamedTuple):
     min_p: jax.Array  # float32[S]
     seeds: jax.Array  # uint32[S]
     steps: jax.Array  # int32[S]: tokens generated so far, folded into the key so each step differs
-    banned_ids: jax.Array  # int32[S, MAX_BANNED_IDS]
+    banned_ids: jax.Array  # int32[S, W], W >= MAX_BANNED_IDS; -1 pads
 
     @staticmethod
-    def host_arrays(num_seqs: int) -> dict[str, np.ndarray]:
+    def host_arrays(num_seqs: int, banned_width: int = MAX_BANNED_IDS) -> dict[str, np.ndarray]:
         return {
             "temperature": np.zeros(num_seqs, np.float32),
             "top_k": np.zeros(num_seqs, np.int32),
@@ -35,8 +37,22 @@ class SamplingBatch(NamedTuple):
             "min_p": np.zeros(num_seqs, np.float32),
             "seeds": np.zeros(num_seqs, np.uint32),
             "steps": np.zeros(num_seqs, np.int32),
-            "banned_ids": np.full((num_seqs, MAX_BANNED_IDS), -1, np.int32),
+            "banned_ids": np.full((num_seqs, banned_width), -1, np.int32),
         }
+
+    @staticmethod
+    def pad(host: dict[str, np.ndarray], num_seqs: int) -> dict[str, np.ndarray]:
+        """`num_seqs` rows (a bucket) whose first rows are `host`'s (a HostBatch's `sampling`); the
+        rest are neutral padding. `banned_ids` keeps the host's width."""
+        banned = host.get("banned_ids")
+        width = MAX_BANNED_IDS if banned is None else max(MAX_BANNED_IDS, banned.shape[1])
+        arrays = SamplingBatch.host_arrays(num_seqs, width)
+        for name, values in host.items():
+            if name == "banned_ids":
+                arrays[name][: len(values), : values.shape[1]] = values
+            else:
+                arrays[name][: len(values)] = values
+        return arrays
 
 
 def _filter(logits, batch: SamplingBatch):

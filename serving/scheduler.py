@@ -7,7 +7,9 @@ One step, read aloud: `schedule()` gives every decoding request one token (alloc
 crosses a page boundary, retracting the youngest requests if the cache is full), then spends what is
 left of the token budget on prefill chunks of partially prefilled and newly admitted requests;
 `runner.run()` computes them all in one call; `process()` appends the sampled tokens, finishes what
-stopped and releases its pages into the radix cache.
+stopped and releases its pages into the radix cache. A prefill-only request (max_new_tokens 0, or any
+task but generate) finishes when its last prompt chunk has run: it never decodes, and the token the
+step sampled for it is dropped.
 """
 
 from __future__ import annotations
@@ -19,13 +21,18 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from serving.prefix_cache import PrefixCache
+from serving.protocol import FinishReason
 from serving.request import Request
-from serving.runner import HostBatch, ModelRunner
+from serving.runner import HostBatch
+from serving.sampler import MAX_BANNED_IDS
+
+if TYPE_CHECKING:
+    from serving.runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +92,7 @@ class Scheduler:
         idle_checked = False
         while not self._stop.is_set():
             busy = bool(self.waiting or self.running)
-            self._drain_inbox(block=not busy)
+            self.drain_inbox(block=not busy)
             if self.idle_calls and not (self.waiting or self.running):
                 for call in self.idle_calls:
                     _run_call(*call)
@@ -102,21 +109,28 @@ class Scheduler:
                         self.invariant_errors += 1
                 continue
             idle_checked = False
-            batch = self.schedule()
-            if not batch:
+            if not self.step():
                 time.sleep(0.001)
-                continue
-            try:
-                tokens = self.runner.run(self._host_batch(batch))
-            except Exception as exc:  # a failed step must not take the server down
-                logger.exception("step failed")
-                for request, _ in batch:
-                    self._finish(request, {"type": "abort", "message": f"Internal error: {exc}",
-                                           "status_code": 500, "err_type": "InternalServerError"})
-                continue
-            self.process(batch, tokens)
 
-    def _drain_inbox(self, block: bool) -> None:
+    def step(self) -> bool:
+        """Schedule, run and process one step on the calling thread (the scheduler thread, or a test
+        driving it without one); False when nothing could be scheduled."""
+        batch = self.schedule()
+        if not batch:
+            return False
+        try:
+            tokens = self.runner.run(self._host_batch(batch))
+        except Exception as exc:  # a failed step must not take the server down
+            logger.exception("step failed")
+            for request, _ in batch:
+                if request.finish_reason is None:
+                    self._finish(request, FinishReason.abort(f"Internal error: {exc}", 500, "InternalServerError"))
+            return True
+        self.process(batch, tokens)
+        return True
+
+    def drain_inbox(self, block: bool) -> None:
+        """Take in what other threads sent (scheduler thread only)."""
         try:
             item = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
         except queue.Empty:
@@ -160,8 +174,8 @@ class Scheduler:
             while not self._grow(request, request.total_len):
                 victim = self._pick_victim(exclude=request)
                 if victim is None:
-                    self._finish(request, {"type": "abort", "status_code": 400, "err_type": "BadRequest",
-                                           "message": "The KV cache cannot hold this request."})
+                    self._finish(request, FinishReason.abort("The KV cache cannot hold this request.", 400,
+                                                             "BadRequest"))
                     break
                 self._retract(victim)
                 batch = [(r, n) for r, n in batch if r is not victim]
@@ -235,28 +249,28 @@ class Scheduler:
     def _release(self, request: Request) -> None:
         if request.prefix_handle is None:
             return
-        self.cache.release(request.prefix_handle, request.tokens(0, request.num_computed), request.pages)
+        self.cache.release(request.prefix_handle, request.tokens(0, request.num_computed), request.pages,
+                           cache=request.cache_kv)
         request.prefix_handle = None
         request.pages = []
 
     # -- after the step ---------------------------------------------------------------------------
     def _host_batch(self, batch: list[tuple[Request, int]]) -> HostBatch:
         ids, positions, kv_lens, q_lens, pages = [], [], [], [], []
-        sampling = {k: [] for k in ("temperature", "top_k", "top_p", "min_p", "seeds", "steps")}
-        banned = np.full((len(batch), 8), -1, np.int32)
+        rows = [r.sampler_row() for r, _ in batch]
+        bans = [r.banned_ids() for r, _ in batch]
+        # As wide as the longest list (every stop id stays banned until min_new_tokens is reached),
+        # rounded up to a power of two so only a few shapes ever compile beyond the precompiled one.
+        longest = max((len(b) for b in bans), default=0)
+        banned = np.full((len(batch), max(MAX_BANNED_IDS, 1 << max(longest - 1, 0).bit_length())), -1, np.int32)
         for i, (r, n) in enumerate(batch):
             ids.extend(r.tokens(r.num_computed, r.num_computed + n))
             positions.extend(range(r.num_computed, r.num_computed + n))
             kv_lens.append(r.num_computed + n)
             q_lens.append(n)
             pages.append(r.pages)
-            for key, value in (("temperature", r.temperature), ("top_k", r.top_k), ("top_p", r.top_p),
-                               ("min_p", r.min_p), ("seeds", r.seed), ("steps", len(r.output_ids))):
-                sampling[key].append(value)
-            ban = r.banned_ids()[: banned.shape[1]]
-            banned[i, : len(ban)] = ban
-        arrays = {k: np.asarray(v) for k, v in sampling.items()}
-        arrays["seeds"] = arrays["seeds"].astype(np.uint32)
+            banned[i, : len(bans[i])] = bans[i]
+        arrays = {key: np.asarray([row[key] for row in rows], dtype) for key, dtype in _SAMPLER_DTYPES.items()}
         arrays["banned_ids"] = banned
         return HostBatch(np.asarray(ids, np.int32), np.asarray(positions, np.int32),
                          np.asarray(kv_lens, np.int32), pages, np.asarray(q_lens, np.int32), arrays)
@@ -270,8 +284,8 @@ class Scheduler:
             request.num_computed += n
             if request.num_computed < request.total_len:
                 continue  # a prefill chunk that does not reach the end of the prompt yet
-            if request.max_new_tokens == 0:
-                request.finish({"type": "length", "length": 0})
+            if request.prefill_only:
+                request.finish(FinishReason.max_length(0))
             else:
                 request.append_token(token)
                 generated += 1
@@ -285,7 +299,7 @@ class Scheduler:
             self.last_gen_throughput = generated / elapsed if elapsed > 0 else 0.0
             self.last_output_time = now
 
-    def _finish(self, request: Request, reason: dict) -> None:
+    def _finish(self, request: Request, reason: FinishReason) -> None:
         request.finish(reason)
         self._release(request)
         if request in self.running:
@@ -297,12 +311,11 @@ class Scheduler:
             for request in list(queue_):
                 if abort_all or request.rid.startswith(rid):
                     queue_.remove(request)
-                    request.finish({"type": "abort", "message": "Abort in waiting queue"})
+                    request.finish(FinishReason.abort_waiting())
                     request.maybe_emit()
         for request in list(self.running):
             if abort_all or request.rid.startswith(rid):
-                self._finish(request, {"type": "abort", "message": "Aborted", "status_code": None,
-                                       "err_type": None})
+                self._finish(request, FinishReason.abort("Aborted"))
 
     # -- queries (scheduler thread, through call()) -----------------------------------------------
     def load(self) -> dict[str, int]:
@@ -316,6 +329,10 @@ class Scheduler:
         if self.running or self.waiting or self.held:
             return False
         return self.cache.flush()
+
+
+_SAMPLER_DTYPES = {"temperature": np.float32, "top_k": np.int32, "top_p": np.float32, "min_p": np.float32,
+                   "seeds": np.uint32, "steps": np.int32}
 
 
 def _run_call(fn: Callable[[], Any], future: Future) -> None:

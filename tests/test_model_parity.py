@@ -3,6 +3,8 @@ through the engine's paged cache (page size 4, so every sequence crosses page bo
 
 from __future__ import annotations
 
+import asyncio
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -78,6 +80,8 @@ def test_ragged_batch_logits_match_transformers(checkpoint):
 
 def test_greedy_decoding_through_engine_matches_transformers(checkpoint):
     from serving.engine import Engine
+    from serving.protocol import RequestError
+    from serving.request import Task
 
     arch, path, hf = checkpoint
     engine = Engine(model_path=str(path), page_size=4, max_total_tokens=1024, max_running_requests=4,
@@ -94,6 +98,14 @@ def test_greedy_decoding_through_engine_matches_transformers(checkpoint):
                                        eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
             assert out["output_ids"] == expected, arch
             assert out["meta_info"]["finish_reason"] == {"type": "length", "length": 32}
+        # Only the served model's task is reachable: an embed request of a causal LM is refused.
+        assert engine.task is Task.GENERATE and engine.model_info()["is_generation"] is True
+        async def embed():
+            async for _ in engine.stream_outputs(engine.parse({"input_ids": prompts[0]}), task=Task.EMBED):
+                pass
+
+        with pytest.raises(RequestError, match="embed requests are not supported"):
+            asyncio.run(embed())
         counts = engine.page_counts()
         assert counts["free"] + counts["evictable"] + counts["locked"] == counts["total"]
         assert counts["locked"] == 0

@@ -1,4 +1,5 @@
-"""Request validation and normalization (serving/protocol.py) against the contract's exact messages."""
+"""Request validation and normalization (serving/protocol/) against the contract's exact messages, and the
+wire formatting of outputs (finish reasons, /generate objects and stream chunks)."""
 
 from __future__ import annotations
 
@@ -9,17 +10,15 @@ import pytest
 from serving.protocol import (
     NOT_SUPPORTED_SUFFIX,
     DetokenizeRequest,
+    FinishReason,
+    GenerateFormatter,
     GenerateItem,
+    Output,
     RequestError,
     SamplingParams,
     SchemaError,
     TokenizeRequest,
     UpdateWeightsRequest,
-    finish_abort,
-    finish_abort_waiting,
-    finish_length,
-    finish_stop_str,
-    finish_stop_token,
     merge_preferred,
     parse_abort_request,
     parse_detokenize_request,
@@ -534,10 +533,47 @@ def test_detokenize_request():
 
 
 def test_finish_reason_shapes():
-    assert finish_stop_token(151643) == {"type": "stop", "matched": 151643}
-    assert finish_stop_str("\n\n") == {"type": "stop", "matched": "\n\n"}
-    assert finish_length(0) == {"type": "length", "length": 0}
-    assert finish_abort("Aborted") == {"type": "abort", "message": "Aborted", "status_code": None, "err_type": None}
-    assert finish_abort("The request queue is full.", 503, "ServiceUnavailable") == {
+    assert FinishReason.stop_token(151643).to_dict() == {"type": "stop", "matched": 151643}
+    assert FinishReason.stop_string("\n\n").to_dict() == {"type": "stop", "matched": "\n\n"}
+    assert FinishReason.max_length(0).to_dict() == {"type": "length", "length": 0}
+    assert FinishReason.abort("Aborted").to_dict() == {
+        "type": "abort", "message": "Aborted", "status_code": None, "err_type": None}
+    assert FinishReason.abort("The request queue is full.", 503, "ServiceUnavailable").to_dict() == {
         "type": "abort", "message": "The request queue is full.", "status_code": 503, "err_type": "ServiceUnavailable"}
-    assert finish_abort_waiting() == {"type": "abort", "message": "Abort in waiting queue"}
+    assert FinishReason.abort_waiting().to_dict() == {"type": "abort", "message": "Abort in waiting queue"}
+
+
+def output(index, ids, reason=None, text="t"):
+    return Output(rid=f"r{index}", index=index, text=text, output_ids=list(ids), finish_reason=reason,
+                  prompt_tokens=3, completion_tokens=len(ids), cached_tokens=0, retractions=0)
+
+
+def test_formatter_stream_chunks():
+    fmt = GenerateFormatter(weight_version="v1", with_text=True, stream=True, is_batch=True)
+    first, last = fmt.chunk(output(1, [5])), fmt.chunk(output(1, [5, 6], FinishReason.max_length(2)))
+    assert first["index"] == 1 and first["output_ids"] == [5] and first["text"] == "t"
+    assert first["meta_info"]["finish_reason"] is None and "e2e_latency" not in first["meta_info"]
+    assert "response_sent_to_client_ts" in first["meta_info"]
+    assert "response_sent_to_client_ts" not in last["meta_info"] and "e2e_latency" in last["meta_info"]
+    assert last["output_ids"] == [5, 6] and last["meta_info"]["finish_reason"] == {"type": "length", "length": 2}
+    assert last["meta_info"]["weight_version"] == "v1" and last["meta_info"]["completion_tokens"] == 2
+
+
+def test_formatter_stream_output_sends_new_ids_per_item():
+    fmt = GenerateFormatter(weight_version="default", with_text=False, stream=True, stream_output=True)
+    chunks = [fmt.chunk(output(0, [5])), fmt.chunk(output(1, [7, 8])), fmt.chunk(output(0, [5, 6, 9]))]
+    assert [c["output_ids"] for c in chunks] == [[5], [7, 8], [6, 9]]
+    assert all("text" not in c and "index" not in c for c in chunks)
+
+
+def test_formatter_non_stream_response_and_http_error():
+    fmt = GenerateFormatter(weight_version="default", with_text=True, is_batch=True, stream_output=True)
+    fmt.collect(output(1, [3, 4], FinishReason.stop_token(4)))
+    fmt.collect(output(0, [1], None))  # not finished: not part of the response
+    fmt.collect(output(0, [1, 2], FinishReason.abort("Aborted")))
+    body = fmt.response()
+    assert [item["meta_info"]["id"] for item in body] == ["r0", "r1"]
+    assert body[0]["output_ids"] == [1, 2] and "e2e_latency" in body[0]["meta_info"]  # whole ids
+    assert fmt.http_error() is None  # a user abort is a 200 with the partial output
+    fmt.collect(output(2, [], FinishReason.abort("The KV cache cannot hold this request.", 400, "BadRequest")))
+    assert fmt.http_error().status_code == 400

@@ -142,6 +142,37 @@ def test_stream_is_cumulative_and_ends_with_done(server):
     assert chunks[-1]["output_ids"] == full["output_ids"] and chunks[-1]["text"] == full["text"]
 
 
+def test_stream_output_sends_only_new_ids(tiny_llama_dir, server):
+    """With --stream-output each chunk's output_ids holds only the ids new since the previous chunk (per
+    item in a batch); text stays cumulative (contract 3.7)."""
+    delta_server = ServerProcess(tiny_llama_dir, *SERVER_FLAGS, "--stream-output")
+    try:
+        prompts = [random_ids(11), random_ids(6)]
+        params = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
+        full = server.post("/generate", json={"input_ids": prompts, "sampling_params": params}).json()
+        body = {"input_ids": prompts[0], "stream": True, "sampling_params": params}
+        with requests.post(delta_server.url + "/generate", json=body, stream=True, timeout=120) as r:
+            events = sse_events(r)
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert [len(c["output_ids"]) for c in chunks] == [1] * 12
+        assert [i for c in chunks for i in c["output_ids"]] == full[0]["output_ids"]
+        for before, after in zip(chunks, chunks[1:], strict=False):
+            assert after["text"].startswith(before["text"].rstrip("\ufffd"))
+        assert chunks[-1]["text"] == full[0]["text"]
+        assert chunks[-1]["meta_info"]["completion_tokens"] == 12
+        with requests.post(delta_server.url + "/generate", json={**body, "input_ids": prompts}, stream=True,
+                           timeout=120) as r:
+            batch = [json.loads(e) for e in sse_events(r)[:-1]]
+        for index in (0, 1):
+            ids = [i for c in batch if c["index"] == index for i in c["output_ids"]]
+            assert ids == full[index]["output_ids"]
+        plain = delta_server.post("/generate", json={**body, "stream": False}).json()
+        assert plain["output_ids"] == full[0]["output_ids"]  # non-streamed responses are whole
+    finally:
+        assert delta_server.stop() == 0
+
+
 def test_cached_tokens_cover_the_shared_prefix(server):
     ids = random_ids(41)
     params = {"temperature": 0, "max_new_tokens": 2}

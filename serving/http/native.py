@@ -1,0 +1,133 @@
+"""SGLang's native routes (contract sections 3, 5 and 9), as thin as possible over `Engine`.
+
+A ValueError of a native route is 400 `{"error": {"message": ...}}`; a scheduler abort that carries a
+status turns a non-streamed /generate into that error, while a stream delivers it as its last chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from sanic import Request, Sanic
+from sanic import response as sanic_response
+
+from serving.engine import Engine
+from serving.http.envelopes import dumps, error_response, read_json
+from serving.protocol import (
+    NormalizedGenerate,
+    RequestError,
+    parse_abort_request,
+    parse_update_weights_request,
+)
+
+FLUSH_TEXT = (
+    "Cache flushed.\nPlease check backend logs for more details. (When there are running or waiting "
+    "requests, the operation will not be performed.)\n"
+)
+HEALTH_CHECK_TIMEOUT = 20.0
+
+
+def register(app: Sanic, engine: Engine) -> None:
+    # -- generation -------------------------------------------------------------------------------
+    @app.route("/generate", methods=["POST", "PUT"])
+    async def generate(request: Request):
+        body = read_json(request)
+        try:
+            normalized = engine.parse(body)
+        except RequestError as exc:
+            if isinstance(body, dict) and body.get("stream") is True:
+                # SGLang validates lazily inside the stream: 200, an error event, then [DONE].
+                response = await request.respond(content_type="text/event-stream; charset=utf-8")
+                await response.send(f"data: {dumps({'error': {'message': str(exc)}})}\n\n")
+                await response.send("data: [DONE]\n\n")
+                await response.eof()
+                return None
+            return error_response(str(exc))
+        if normalized.stream:
+            return await _stream(request, normalized)
+        formatter = engine.formatter(normalized)
+        try:
+            async for out in engine.stream_outputs(normalized):
+                formatter.collect(out)
+        except RequestError as exc:
+            return error_response(str(exc))
+        error = formatter.http_error()
+        if error is not None:
+            return error_response(error.message, status=error.status_code)
+        return sanic_response.json(formatter.response())
+
+    async def _stream(request: Request, normalized: NormalizedGenerate):
+        response = await request.respond(content_type="text/event-stream; charset=utf-8")
+        formatter = engine.formatter(normalized)
+        try:
+            async for out in engine.stream_outputs(normalized):
+                await response.send(f"data: {dumps(formatter.chunk(out))}\n\n")
+        except RequestError as exc:
+            await response.send(f"data: {dumps({'error': {'message': str(exc)}})}\n\n")
+        await response.send("data: [DONE]\n\n")
+        await response.eof()
+
+    async def _probe() -> bool:
+        body = {"input_ids": [0], "sampling_params": {"max_new_tokens": 1, "temperature": 0},
+                "rid": f"HEALTH_CHECK_{time.time()}"}
+        try:
+            await asyncio.wait_for(engine.generate_request(engine.parse(body)), HEALTH_CHECK_TIMEOUT)
+            return True
+        except (TimeoutError, RequestError):
+            return False
+
+    @app.get("/health")
+    @app.get("/health_generate", name="health_generate_route")
+    async def health(request: Request):
+        if app.ctx.status not in ("Up", "UnHealthy"):
+            return sanic_response.empty(status=503)
+        ok = await _probe()
+        app.ctx.status = "Up" if ok else "UnHealthy"
+        return sanic_response.empty(status=200 if ok else 503)
+
+    # -- information ------------------------------------------------------------------------------
+    @app.get("/get_model_info")
+    @app.get("/model_info", name="model_info_route")
+    async def model_info(request: Request):
+        return sanic_response.json(engine.model_info())
+
+    @app.get("/get_weight_version")
+    @app.get("/weight_version", name="weight_version_route")
+    async def weight_version(request: Request):
+        return sanic_response.json({"weight_version": engine.weight_version})
+
+    @app.get("/get_server_info")
+    @app.get("/server_info", name="server_info_route")
+    async def server_info(request: Request):
+        return sanic_response.json(await engine.get_server_info())
+
+    @app.get("/get_load")
+    async def get_load(request: Request):
+        load = await engine.get_load()
+        return sanic_response.json([{"rid": None, "http_worker_ipc": None, "dp_rank": 0, **load}])
+
+    # -- control ----------------------------------------------------------------------------------
+    @app.route("/flush_cache", methods=["GET", "POST"])
+    async def flush_cache(request: Request):
+        ok = await engine.flush_cache()
+        return sanic_response.text(FLUSH_TEXT, status=200 if ok else 400)
+
+    @app.post("/update_weights_from_disk")
+    async def update_weights_from_disk(request: Request):
+        try:
+            update = parse_update_weights_request(read_json(request))
+        except RequestError as exc:
+            return error_response(str(exc))
+        result = await engine.update_weights_from_disk(update)
+        return sanic_response.json(result, status=200 if result["success"] else 400)
+
+    @app.post("/abort_request")
+    async def abort_request(request: Request):
+        try:
+            rid, abort_all = parse_abort_request(read_json(request))
+        except RequestError as exc:
+            return error_response(str(exc))
+        if rid or abort_all:
+            engine.abort(rid, abort_all)
+        return sanic_response.empty(status=200)

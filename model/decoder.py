@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from checkpoints.name_maps import DEFAULT_DECODER_MAP
 from model.config import ModelConfig
 from model.heads import LMHead, pool
 from model.interface import ForwardOutput, KVWrite, StepInputs
@@ -76,7 +77,7 @@ class DecoderModel(nnx.Module):
 
     task = "generate"
     layer_class: type[nnx.Module]
-    weight_name_map = None  # checkpoints' default decoder naming; a family with other names sets its own
+    weight_name_map = DEFAULT_DECODER_MAP  # Hugging Face names -> param paths; a family with others sets its own
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         rngs = rngs or nnx.Rngs(0)

@@ -50,14 +50,16 @@ def enable_compilation_cache(directory: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def resolve_model_dir(model_path: str | None) -> Path:
+def resolve_model_dir(model_path: str | None, *, revision: str | None = None, load_format: str = "auto") -> Path:
+    """`--model-path` (with `--revision` / `--load-format`) -> a Hugging Face directory; None = the bundled
+    default model."""
     if model_path is None:
         from checkpoints.default import default_model_dir
 
         return default_model_dir()
     from checkpoints.resolve import resolve_model_path
 
-    resolved = resolve_model_path(model_path)
+    resolved = resolve_model_path(model_path, load_format=load_format, revision=revision)
     if resolved.kind != "hf":
         raise ValueError(f"{model_path}: {resolved.kind} checkpoints need a config; serve a Hugging Face directory")
     return resolved.path
@@ -69,7 +71,7 @@ class Engine:
         self.server_args = args
         if not args.disable_compilation_cache:
             enable_compilation_cache(args.compilation_cache_dir)
-        self.model_dir = resolve_model_dir(args.model_path)
+        self.model_dir = resolve_model_dir(args.model_path, revision=args.revision, load_format=args.load_format)
         self.model_path = args.model_path or str(self.model_dir)
         self.tokenizer_path = args.tokenizer_path or self.model_path
         self.served_model_name = args.served_model_name or self.model_path
@@ -96,11 +98,7 @@ class Engine:
         if args.precompile:
             seconds = self.runner.precompile()
             logger.info("Compiled %d step buckets in %.1f s", len(self.runner.buckets()), seconds)
-        self.scheduler = Scheduler(
-            self.runner, self.prefix_cache, max_running_requests=self.max_running_requests,
-            max_step_tokens=self.max_step_tokens, chunked_prefill_size=self.chunked_prefill_size,
-            schedule_policy=args.schedule_policy,
-        )
+        self.scheduler = Scheduler(self.runner, self.prefix_cache, self.runtime)
         self.scheduler.start()
 
     def _eos_ids(self) -> frozenset[int]:
@@ -125,8 +123,8 @@ class Engine:
 
     @property
     def task(self) -> Task:
-        """The task the served model performs: every model served today is a causal LM."""
-        return Task.GENERATE
+        """The task the served model performs (its class's `task` in `model.registry`)."""
+        return Task(self.runner.task)
 
     def _make_request(self, item: GenerateItem, stream: bool, emit: Callable[[Output], None],
                       prefill_only: bool = False, task: Task = Task.GENERATE) -> Request:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from serving.config import RuntimeConfig
 from serving.prefix_cache import PrefixCache
 from serving.protocol import FinishReason
 from serving.request import Request
@@ -38,15 +39,14 @@ logger = logging.getLogger(__name__)
 
 
 class Scheduler:
-    def __init__(self, runner: ModelRunner, prefix_cache: PrefixCache, *, max_running_requests: int,
-                 max_step_tokens: int, chunked_prefill_size: int, schedule_policy: str):
+    def __init__(self, runner: ModelRunner, prefix_cache: PrefixCache, config: RuntimeConfig):
         self.runner = runner
         self.cache = prefix_cache
         self.page_size = prefix_cache.page_size
-        self.max_running = max_running_requests
-        self.max_step_tokens = max_step_tokens
-        self.chunk_size = chunked_prefill_size
-        self.policy = schedule_policy
+        self.max_running = config.max_running_requests
+        self.max_step_tokens = config.max_step_tokens
+        self.chunk_size = config.chunked_prefill_size
+        self.policy = config.schedule_policy
         self.inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []

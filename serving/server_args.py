@@ -29,12 +29,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from checkpoints.resolve import LOAD_FORMATS, check_load_format
+from kernels.backends import ATTENTION_BACKENDS, MOE_BACKENDS
 
 DTYPE_CHOICES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 LOG_LEVEL_CHOICES = ("debug", "info", "warning", "error", "critical")
 SCHEDULE_POLICY_CHOICES = ("fcfs", "lpm")
-BACKEND_CHOICES = ("auto", "pallas", "reference")
-ATTENTION_BACKEND_CHOICES = ("auto", "pallas", "cpu", "reference")
+# One list of names each, kept by the kernels (importable without JAX).
+BACKEND_CHOICES = MOE_BACKENDS
+ATTENTION_BACKEND_CHOICES = ATTENTION_BACKENDS
 KV_CACHE_DTYPE_CHOICES = ("auto", "bf16", "bfloat16")
 KV_CACHE_DTYPES_LATER = ("fp8_e5m2", "fp8_e4m3", "fp4_e2m1")  # SGLang's other choices
 EXPERT_RECORDER_MODE_CHOICES = ("stat", "per_pass", "per_token")
@@ -55,7 +57,6 @@ NOT_SUPPORTED_YET: dict[str, tuple[Any, str]] = {
     "watchdog_timeout": (300.0, "there is no forward-step watchdog yet"),
     "max_queued_requests": (None, "the waiting queue has no cap for now"),
     "sampling_defaults": ("model", "the OpenAI chat route it applies to is not served yet"),
-    "revision": (None, "a hub id is served from its refs/main snapshot in the local Hugging Face cache"),
     "tp_size": (1, _ONE_DEVICE),
     "dp_size": (1, _ONE_DEVICE),
     "ep_size": (1, _ONE_DEVICE),
@@ -98,8 +99,8 @@ class ServerArgs:
         choices=LOAD_FORMAT_CHOICES + LOAD_FORMATS_LATER)
     trust_remote_code: bool = _arg(False, "Accepted for compatibility; no remote code is ever run.")
     revision: str | None = _arg(
-        None, "Hugging Face revision; not supported yet (a hub id is served from its refs/main snapshot in "
-        "the local cache).", type=str)
+        None, "Hugging Face revision (branch, tag or commit) of a hub-id --model-path, picked from the local "
+        "cache; omitted = refs/main. Ignored for a local directory.", type=str)
     context_length: int | None = _arg(None, "Max context length; omitted = the model config's.", type=int)
     is_embedding: bool = _arg(False, "Serve the model as an embedding / reward / cross-encoder model: not "
                               "supported yet.")

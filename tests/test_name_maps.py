@@ -38,7 +38,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 def abstract_model(model_dir: Path, dtype, cls=None):
     config = ModelConfig.from_dir(model_dir)
     cls = cls or model_class_for(config)
-    return nnx.eval_shape(lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(0), attention_backend="reference"))
+    return nnx.eval_shape(lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(0)))
 
 
 def flat_values(state) -> dict[tuple[str, ...], np.ndarray]:

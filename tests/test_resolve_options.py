@@ -47,6 +47,11 @@ def test_revision_picks_a_branch_tag_or_commit(hub):
     assert resolve_model_path("org/tiny", revision="main").path == main
     assert resolve_model_path("Org/Tiny", revision="v1.0").path == tagged
     assert resolve_model_path("org/tiny", revision="cccc3333").path == old
+    # What the engine serves for `--model-path org/tiny --revision v1.0`.
+    from serving.engine import resolve_model_dir
+
+    assert resolve_model_dir("org/tiny", revision="v1.0") == tagged
+    assert resolve_model_dir("org/tiny") == main
 
 
 @pytest.mark.parametrize("revision", ["v2.0", "dddd4444", "../models--org--tiny", ""])

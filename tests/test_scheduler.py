@@ -14,6 +14,7 @@ import threading
 import numpy as np
 import pytest
 
+from serving.config import RuntimeConfig
 from serving.prefix_cache import PrefixCache
 from serving.protocol import FinishReason, SamplingParams
 from serving.request import Request, Task
@@ -79,8 +80,11 @@ class LetterTokenizer:
 def make_scheduler(num_pages=64, *, max_running=8, step_tokens=64, chunk=32, policy="fcfs", model=context_model):
     cache = PrefixCache(num_pages, PAGE)
     runner = FakeRunner(num_pages, model)
-    scheduler = Scheduler(runner, cache, max_running_requests=max_running, max_step_tokens=step_tokens,
-                          chunked_prefill_size=chunk, schedule_policy=policy)
+    config = RuntimeConfig(platform="cpu", dtype="float32", kv_cache_dtype="auto", page_size=PAGE,
+                           attention_backend="reference", max_running_requests=max_running,
+                           chunked_prefill_size=chunk, max_step_tokens=step_tokens, context_length=None,
+                           max_total_tokens=None, mem_fraction_static=0.25, unroll_layers=True, schedule_policy=policy)
+    scheduler = Scheduler(runner, cache, config)
     return scheduler, runner, cache
 
 

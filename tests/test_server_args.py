@@ -67,6 +67,7 @@ def test_notebook_launch_command_parses():
         (["--kv-cache-dtype", "bf16"], "kv_cache_dtype", "bf16"),
         (["--schedule-policy", "lpm"], "schedule_policy", "lpm"),
         (["--attention-backend", "reference"], "attention_backend", "reference"),
+        (["--revision", "v1.0"], "revision", "v1.0"),
         (["--mem-fraction-static", "0.8"], "mem_fraction_static", 0.8),
         (["--random-seed", "42"], "random_seed", 42),
         (["--skip-server-warmup"], "skip_server_warmup", True),
@@ -110,7 +111,6 @@ NOT_YET_FLAGS = [
     (["--enable-cache-report"], "enable_cache_report", True),
     (["--sampling-defaults", "openai"], "sampling_defaults", "openai"),
     (["--max-queued-requests", "100"], "max_queued_requests", 100),
-    (["--revision", "main"], "revision", "main"),
 ]
 
 

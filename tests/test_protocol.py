@@ -275,6 +275,8 @@ def test_single_input_ids_and_rid_kept():
         ({"text": ["a", "b"], "rid": 5}, "The rid should be a string or a list of strings."),
         ({"text": ["a", "b"], "rid": ["x", 5]}, "The rid should be a string or a list of strings."),
         ({"text": "a", "rid": 5}, "The rid should be a string or a list of strings."),
+        ({"text": ["a", "b", "c"], "rid": ["x", "y", "x"]},
+         "Duplicate request IDs detected within the request: ['x']"),
         ({"text": "a", "sampling_params": {"n": 2}, "return_logprob": [False]},
          "Cannot use list return_logprob with parallel_sample_num > 1"),
         ({"text": "a", "sampling_params": {"n": 2}, "logprob_start_len": [0]},
@@ -325,7 +327,6 @@ def test_skip_tokenizer_init_rejects_text_but_not_ids():
         ({"text": "a", "audio_data": "a.wav"}, "audio_data"),
         ({"text": "a", "return_logprob": True}, "return_logprob"),
         ({"text": ["a", "b"], "return_logprob": [False, True]}, "return_logprob"),
-        ({"text": "a", "top_logprobs_num": 5}, "top_logprobs_num"),
         ({"text": "a", "token_ids_logprob": [1, 2]}, "token_ids_logprob"),
         ({"text": ["a", "b"], "token_ids_logprob": [[], [3]]}, "token_ids_logprob"),
         ({"text": "a", "lora_path": "adapter"}, "lora_path"),
@@ -336,6 +337,12 @@ def test_skip_tokenizer_init_rejects_text_but_not_ids():
 def test_generate_features_not_supported_yet(body, feature):
     message = generate_error(body)
     assert message.startswith(feature) and message.endswith(NOT_SUPPORTED_SUFFIX)
+
+
+def test_top_logprobs_num_without_return_logprob_is_ignored():
+    # SGLang reads top_logprobs_num only with return_logprob; a client that always sends it must work.
+    assert len(generate({"text": "a", "return_logprob": False, "top_logprobs_num": 5}).items) == 1
+    assert len(generate({"text": ["a", "b"], "top_logprobs_num": [3, 0]}).items) == 2
 
 
 def test_neutral_top_level_values_accepted():

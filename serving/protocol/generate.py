@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -162,6 +163,9 @@ def _normalize_rids(rid: object, batch_size: int, is_single: bool) -> list[str]:
         if len(rid) != batch_size:
             raise RequestError("The specified rids length mismatch with the batch_size for batch processing.")
         if all(isinstance(r, str) for r in rid):
+            duplicates = [r for r, count in Counter(rid).items() if count > 1]
+            if duplicates:
+                raise RequestError(f"Duplicate request IDs detected within the request: {duplicates}")
             return list(rid)
     raise RequestError("The rid should be a string or a list of strings.")
 
@@ -201,8 +205,8 @@ def _check_per_item_fields(body: dict, n: int) -> None:
     if any(check_types("return_logprob", lambda x: isinstance(x, bool), "a boolean or a list of booleans")):
         raise unsupported("return_logprob")
     check_types("logprob_start_len", is_int, "an integer or a list of integers")
-    if any(x > 0 for x in check_types("top_logprobs_num", is_int, "an integer or a list of integers")):
-        raise unsupported("top_logprobs_num")
+    # Read only with return_logprob (refused above), so any count is ignored, as SGLang does.
+    check_types("top_logprobs_num", is_int, "an integer or a list of integers")
     if token_ids_logprob is not None:
         rows = token_ids_logprob if token_ids_logprob and isinstance(token_ids_logprob[0], list) else [
             token_ids_logprob]

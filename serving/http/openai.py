@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from typing import Any
+from urllib.parse import unquote
 
 from sanic import Request, Sanic
 from sanic import response as sanic_response
@@ -23,6 +24,9 @@ def register(app: Sanic, engine: Engine) -> None:
 
     @app.get("/v1/models/<model_id:path>")
     async def get_model(request: Request, model_id: str):
+        # Sanic hands the path segment over still percent-encoded; the `openai` client's
+        # models.retrieve("org/model") requests /v1/models/org%2Fmodel (FastAPI decodes it for SGLang).
+        model_id = unquote(model_id)
         if model_id != engine.served_model_name:
             return sanic_response.json({"error": {
                 "message": f"The model '{model_id}' does not exist", "type": "invalid_request_error",

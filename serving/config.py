@@ -43,6 +43,8 @@ class RuntimeConfig:
     mem_fraction_static: float
     unroll_layers: bool
     schedule_policy: str = "fcfs"
+    max_queued_requests: int | None = None  # None: no cap on requests waiting for admission
+    decode_log_interval: int = 40  # decode steps between two "Decode batch" log lines
 
     @property
     def on_cpu(self) -> bool:
@@ -77,4 +79,5 @@ def resolve_runtime_config(args: ServerArgs, platform: str | None = None) -> Run
         chunked_prefill_size=chunk if chunking else 1 << 30, max_step_tokens=max(step_tokens, max_running),
         context_length=args.context_length, max_total_tokens=args.max_total_tokens, mem_fraction_static=fraction,
         unroll_layers=on_cpu, schedule_policy=args.schedule_policy,
+        max_queued_requests=args.max_queued_requests, decode_log_interval=args.decode_log_interval,
     )

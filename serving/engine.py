@@ -93,6 +93,11 @@ class Engine:
             json.loads(args.preferred_sampling_params) if args.preferred_sampling_params else None
         )
         self._rng = random.Random(args.random_seed)
+        # Ids of the requests in flight: a second request with one of them is refused (400), as SGLang
+        # does, so an abort or an output can never reach the wrong request. A lock, because the Python
+        # API runs its calls on event loops of their own threads.
+        self._live_rids: set[str] = set()
+        self._live_rids_lock = threading.Lock()
         self.prefix_cache = PrefixCache(self.runner.kv_spec.num_pages, args.page_size,
                                         enable_radix=not args.disable_radix_cache)
         if args.precompile:
@@ -179,12 +184,24 @@ class Engine:
             is_batch=request.is_batch, stream_output=self.server_args.stream_output,
         )
 
+    def _claim_rids(self, rids: list[str]) -> None:
+        with self._live_rids_lock:
+            for rid in rids:
+                if rid in self._live_rids:
+                    raise RequestError(f"Duplicate request ID detected: {rid}")
+            self._live_rids.update(rids)
+
+    def _release_rids(self, rids: list[str]) -> None:
+        with self._live_rids_lock:
+            self._live_rids.difference_update(rids)
+
     async def stream_outputs(self, request: NormalizedGenerate, task: Task = Task.GENERATE) -> AsyncIterator[Output]:
         """Yield each item's outputs as they arrive (`Output.index` says which item); every item ends
-        with a finished output. Only the served model's task is accepted (RequestError otherwise).
+        with a finished output. Only the served model's task is accepted, and no rid already in flight
+        (RequestError otherwise).
 
-        If the consumer stops early (client disconnect, cancellation), the unfinished requests are
-        aborted so their pages are freed.
+        If the consumer stops early (client disconnect, cancellation, an error response), the unfinished
+        requests are aborted so their pages are freed.
         """
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[Output] = asyncio.Queue()
@@ -192,33 +209,39 @@ class Engine:
         def emit(out: Output) -> None:
             loop.call_soon_threadsafe(outputs.put_nowait, out)
 
-        if request.n > 1 and not self.server_args.disable_radix_cache:
-            # Like SGLang: one prefill-only copy per prompt first, so the n samples share its prefix.
-            warm = {}
-            for item in request.items:
-                key = item.text if item.input_ids is None else tuple(item.input_ids)
-                warm.setdefault(key, item)
-            warm_reqs = [self._make_request(item, False, emit, prefill_only=True, task=task)
-                         for item in warm.values()]
-            for r in warm_reqs:
-                r.rid = f"{r.rid}_warmup"
-                self.scheduler.submit(r)
-            warm_rids = {r.rid for r in warm_reqs}
-            while warm_rids:
-                warm_rids.discard((await outputs.get()).rid)
-        requests = [self._make_request(item, request.stream, emit, task=task) for item in request.items]
-        for r in requests:
-            self.scheduler.submit(r)
-        pending = {r.rid for r in requests}
+        rids = [item.rid for item in request.items]
+        self._claim_rids(rids)
+        pending: set[str] = set()
         try:
+            if request.n > 1 and not self.server_args.disable_radix_cache:
+                # Like SGLang: one prefill-only copy per prompt first, so the n samples share its prefix.
+                warm = {}
+                for item in request.items:
+                    key = item.text if item.input_ids is None else tuple(item.input_ids)
+                    warm.setdefault(key, item)
+                warm_reqs = [self._make_request(item, False, emit, prefill_only=True, task=task)
+                             for item in warm.values()]
+                for r in warm_reqs:
+                    r.rid = f"{r.rid}_warmup"
+                pending = {r.rid for r in warm_reqs}
+                for r in warm_reqs:
+                    self.scheduler.submit(r)
+                while pending:
+                    pending.discard((await outputs.get()).rid)
+            requests = [self._make_request(item, request.stream, emit, task=task) for item in request.items]
+            pending = {r.rid for r in requests}
+            for r in requests:
+                self.scheduler.submit(r)
             while pending:
                 out = await outputs.get()
                 if out.finished:
                     pending.discard(out.rid)
                 yield out
         finally:
+            # Exact ids: a prefix match would also abort another client's request whose id extends this one.
             for rid in pending:
-                self.scheduler.abort(rid)
+                self.scheduler.abort(rid, exact=True, cause="client disconnected or response ended")
+            self._release_rids(rids)
 
     async def generate_request(self, request: NormalizedGenerate) -> dict | list[dict]:
         """The `/generate` body of a validated request, run to the end (aborts included)."""
@@ -287,7 +310,7 @@ class Engine:
         except Exception as exc:
             return result(False, f"Failed to update weights: {exc}.\nRolling back to original weights.")
         if request.abort_all_requests:
-            self.scheduler.abort("", abort_all=True)
+            self.scheduler.abort("", abort_all=True, cause="update_weights_from_disk abort_all_requests")
 
         def swap() -> None:
             self.runner.params = params
@@ -308,9 +331,9 @@ class Engine:
         """Drop the prefix cache; False (nothing done) while any request is running or waiting."""
         return await asyncio.wrap_future(self.scheduler.call(self.scheduler.flush))
 
-    def abort(self, rid: str, abort_all: bool = False) -> None:
-        """Abort every request whose id starts with `rid` (all of them with `abort_all`)."""
-        self.scheduler.abort(rid, abort_all)
+    def abort(self, rid: str, abort_all: bool = False, cause: str = "/abort_request") -> None:
+        """Abort every request whose id starts with `rid` (all of them with `abort_all`); `cause` is logged."""
+        self.scheduler.abort(rid, abort_all, cause=cause)
 
     async def get_load(self) -> dict[str, int]:
         """`num_reqs` (running + waiting), `num_waiting_reqs`, `num_tokens` (KV in use + queued)."""

@@ -31,6 +31,7 @@ from serving.protocol import FinishReason
 from serving.request import Request
 from serving.runner import HostBatch
 from serving.sampler import MAX_BANNED_IDS
+from serving.scheduler_log import SchedulerLog
 
 if TYPE_CHECKING:
     from serving.runner import ModelRunner
@@ -47,6 +48,12 @@ class Scheduler:
         self.max_step_tokens = config.max_step_tokens
         self.chunk_size = config.chunked_prefill_size
         self.policy = config.schedule_policy
+        # SGLang's --max-queued-requests: a bound on requests waiting for admission, checked when one
+        # arrives; requeued (retracted) requests were accepted already and always go back.
+        self.max_queued = config.max_queued_requests
+        self.log = SchedulerLog(config.decode_log_interval, prefix_cache.num_total * self.page_size)
+        self._num_decodes = 0  # of the last schedule(): its batch starts with that many decode entries
+        self._admitted: list[Request] = []  # of the last schedule(): requests it took from the queue
         self.inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -71,8 +78,10 @@ class Scheduler:
     def submit(self, request: Request) -> None:
         self.inbox.put(("add", request))
 
-    def abort(self, rid: str, abort_all: bool = False) -> None:
-        self.inbox.put(("abort", (rid, abort_all)))
+    def abort(self, rid: str, abort_all: bool = False, *, exact: bool = False, cause: str | None = None) -> None:
+        """Abort the requests whose id starts with `rid` (only the one equal to it with `exact`; all
+        with `abort_all`). `cause` goes into the abort log line."""
+        self.inbox.put(("abort", (rid, abort_all, exact, cause)))
 
     def call(self, fn: Callable[[], Any]) -> Future:
         """Run `fn` on the scheduler thread between two steps; the future holds its result."""
@@ -126,7 +135,13 @@ class Scheduler:
                 if request.finish_reason is None:
                     self._finish(request, FinishReason.abort(f"Internal error: {exc}", 500, "InternalServerError"))
             return True
-        self.process(batch, tokens)
+        # Read before process(), which advances num_computed and drops what finished from `running`.
+        step = {"new_seqs": len(self._admitted), "cached_tokens": sum(r.num_computed for r in self._admitted),
+                "prefill_tokens": sum(n for _, n in batch[self._num_decodes:]), "decodes": self._num_decodes,
+                "running": len(self.running)}
+        generated = self.process(batch, tokens)
+        self.log.after_step(**step, generated=generated, queued=len(self.waiting) + len(self.held),
+                            used_tokens=(self.cache.num_total - self.cache.available_pages) * self.page_size)
         return True
 
     def drain_inbox(self, block: bool) -> None:
@@ -138,7 +153,7 @@ class Scheduler:
         while True:
             kind, payload = item
             if kind == "add":
-                (self.held if self.idle_calls else self.waiting).append(payload)
+                self._enqueue(payload)
             elif kind == "abort":
                 self._abort(*payload)
             elif kind == "call":
@@ -149,6 +164,16 @@ class Scheduler:
                 item = self.inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _enqueue(self, request: Request) -> None:
+        """A new request joins the waiting queue, or is answered 503 at once when the queue is full."""
+        if self.max_queued is not None and len(self.waiting) + len(self.held) >= self.max_queued:
+            reason = FinishReason.abort("The request queue is full.", 503)
+            request.finish(reason)
+            self.log.abort(request.rid, "arrival", reason, f"--max-queued-requests {self.max_queued}")
+            request.maybe_emit()
+            return
+        (self.held if self.idle_calls else self.waiting).append(request)
 
     # -- scheduling -------------------------------------------------------------------------------
     def _pages_short(self, request: Request, upto: int) -> int:
@@ -181,6 +206,8 @@ class Scheduler:
                 batch = [(r, n) for r, n in batch if r is not victim]
             else:
                 batch.append((request, 1))
+        self._num_decodes = len(batch)
+        self._admitted = []
         budget = self.max_step_tokens - len(batch)
         scheduled = {id(r) for r, _ in batch}
         for request in self.running:  # partially prefilled requests continue
@@ -200,6 +227,7 @@ class Scheduler:
                 break
             request = self.waiting.popleft()
             self.running.append(request)
+            self._admitted.append(request)
             batch.append((request, chunk))
             budget -= chunk
         return batch
@@ -275,7 +303,8 @@ class Scheduler:
         return HostBatch(np.asarray(ids, np.int32), np.asarray(positions, np.int32),
                          np.asarray(kv_lens, np.int32), pages, np.asarray(q_lens, np.int32), arrays)
 
-    def process(self, batch: list[tuple[Request, int]], tokens: np.ndarray) -> None:
+    def process(self, batch: list[tuple[Request, int]], tokens: np.ndarray) -> int:
+        """Apply a step's sampled tokens; returns how many tokens it generated."""
         self.num_steps += 1
         generated = 0
         for (request, n), token in zip(batch, tokens.tolist(), strict=True):
@@ -298,24 +327,31 @@ class Scheduler:
             elapsed = now - self.last_output_time if self.last_output_time else 0.0
             self.last_gen_throughput = generated / elapsed if elapsed > 0 else 0.0
             self.last_output_time = now
+        return generated
 
-    def _finish(self, request: Request, reason: FinishReason) -> None:
+    def _finish(self, request: Request, reason: FinishReason, cause: str | None = None) -> None:
         request.finish(reason)
+        if reason.is_abort:
+            self.log.abort(request.rid, "running", reason, cause)
         self._release(request)
         if request in self.running:
             self.running.remove(request)
         request.maybe_emit()
 
-    def _abort(self, rid: str, abort_all: bool) -> None:
+    def _abort(self, rid: str, abort_all: bool, exact: bool = False, cause: str | None = None) -> None:
+        def hit(request: Request) -> bool:
+            return abort_all or (request.rid == rid if exact else request.rid.startswith(rid))
+
         for queue_ in (self.waiting, self.held):
             for request in list(queue_):
-                if abort_all or request.rid.startswith(rid):
+                if hit(request):
                     queue_.remove(request)
                     request.finish(FinishReason.abort_waiting())
+                    self.log.abort(request.rid, "waiting queue", request.finish_reason, cause)
                     request.maybe_emit()
         for request in list(self.running):
-            if abort_all or request.rid.startswith(rid):
-                self._finish(request, FinishReason.abort("Aborted"))
+            if hit(request):
+                self._finish(request, FinishReason.abort("Aborted"), cause)
 
     # -- queries (scheduler thread, through call()) -----------------------------------------------
     def load(self) -> dict[str, int]:

@@ -55,7 +55,6 @@ NOT_SUPPORTED_YET: dict[str, tuple[Any, str]] = {
     "enable_metrics": (False, "there is no /metrics endpoint yet"),
     "enable_cache_report": (False, "the OpenAI completion routes that report cached tokens are not served yet"),
     "watchdog_timeout": (300.0, "there is no forward-step watchdog yet"),
-    "max_queued_requests": (None, "the waiting queue has no cap for now"),
     "sampling_defaults": ("model", "the OpenAI chat route it applies to is not served yet"),
     "tp_size": (1, _ONE_DEVICE),
     "dp_size": (1, _ONE_DEVICE),
@@ -117,6 +116,9 @@ class ServerArgs:
     host: str = _arg("127.0.0.1", "Bind address.", type=str)
     port: int = _arg(30000, "HTTP port.", type=int)
     log_level: str = _arg("info", "Log level of all loggers.", type=str.lower, choices=LOG_LEVEL_CHOICES)
+    decode_log_interval: int = _arg(
+        40, "Decode steps between two \"Decode batch\" log lines (#running-req, token usage, throughput, "
+        "#queue-req; info level).", type=int)
     api_key: str | None = _arg(None, "Bearer key required on every route except /health and "
                                "/health_generate.", type=str)
     skip_server_warmup: bool = _arg(False, "Mark the server ready without the warm-up request.")
@@ -131,7 +133,8 @@ class ServerArgs:
     max_running_requests: int | None = _arg(None, "Max concurrently running requests; omitted = auto.",
                                             type=int)
     max_queued_requests: int | None = _arg(
-        None, "Cap on waiting requests: not supported yet (the queue has no cap).", type=int)
+        None, "Cap on requests waiting for admission; a new request beyond it is answered 503 \"The request "
+        "queue is full.\" (requests already accepted are never dropped); omitted = no cap.", type=int)
     max_total_tokens: int | None = _arg(None, "KV pool size in tokens; omitted = from memory.", type=int)
     mem_fraction_static: float | None = _arg(
         None, "Fraction of device memory for weights + KV pool; omitted = auto.", type=float)
@@ -206,7 +209,8 @@ class ServerArgs:
             raise ValueError(f"page_size must be a power of two (1, 2, 4, ...), got {self.page_size}.")
         for name in ("context_length", "max_running_requests", "max_queued_requests", "max_total_tokens"):
             self._check_at_least(name, 1, optional=True)
-        for name in ("max_prefill_tokens", "stream_interval", "tp_size", "dp_size", "ep_size"):
+        for name in ("max_prefill_tokens", "stream_interval", "decode_log_interval", "tp_size", "dp_size",
+                     "ep_size"):
             self._check_at_least(name, 1, optional=False)
         if self.chunked_prefill_size is not None and self.chunked_prefill_size != -1 and self.chunked_prefill_size < 1:
             raise ValueError(

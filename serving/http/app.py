@@ -82,7 +82,7 @@ def create_app(engine: Engine) -> Sanic:
 
     @app.after_server_stop
     async def stop_engine(app: Sanic):
-        engine.abort("", abort_all=True)
+        engine.abort("", abort_all=True, cause="server shutdown")
         engine.shutdown()
 
     return app

@@ -33,6 +33,14 @@ def error_response(message: str, status: int = 400):
     return sanic_response.json({"error": {"message": message}}, status=status)
 
 
+def http_exception(message: str, status: int):
+    """Case C: FastAPI's HTTPException body, what SGLang answers when the scheduler aborts a request with
+    a status other than 400 (503 "The request queue is full.", 500 on an internal error)."""
+    return sanic_response.json(
+        {"object": "error", "message": message, "type": str(status), "param": None, "code": status}, status=status
+    )
+
+
 def schema_error(message: str):
     """Case B: FastAPI's validation envelope, overridden to 400 as SGLang does."""
     return sanic_response.json(

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
+from contextlib import aclosing
 
 from sanic import Request, Sanic
 from sanic import response as sanic_response
 
 from serving.engine import Engine
-from serving.http.envelopes import dumps, error_response, read_json
+from serving.http.envelopes import dumps, error_response, http_exception, read_json
 from serving.protocol import (
     NormalizedGenerate,
     RequestError,
@@ -48,13 +50,18 @@ def register(app: Sanic, engine: Engine) -> None:
             return await _stream(request, normalized)
         formatter = engine.formatter(normalized)
         try:
-            async for out in engine.stream_outputs(normalized):
-                formatter.collect(out)
+            async with aclosing(engine.stream_outputs(normalized)) as outputs:
+                async for out in outputs:
+                    formatter.collect(out)
+                    if out.finished and out.finish_reason.is_abort and out.finish_reason.status_code:
+                        break  # the whole response is that error: closing aborts the other items
         except RequestError as exc:
             return error_response(str(exc))
         error = formatter.http_error()
         if error is not None:
-            return error_response(error.message, status=error.status_code)
+            if error.status_code == 400:  # SGLang raises a ValueError (case A), otherwise an HTTPException
+                return error_response(error.message)
+            return http_exception(error.message, error.status_code)
         return sanic_response.json(formatter.response())
 
     async def _stream(request: Request, normalized: NormalizedGenerate):
@@ -69,8 +76,9 @@ def register(app: Sanic, engine: Engine) -> None:
         await response.eof()
 
     async def _probe() -> bool:
+        # A unique rid: two probes at once must not be refused as duplicate request ids.
         body = {"input_ids": [0], "sampling_params": {"max_new_tokens": 1, "temperature": 0},
-                "rid": f"HEALTH_CHECK_{time.time()}"}
+                "rid": f"HEALTH_CHECK_{time.time()}_{uuid.uuid4().hex[:8]}"}
         try:
             await asyncio.wait_for(engine.generate_request(engine.parse(body)), HEALTH_CHECK_TIMEOUT)
             return True

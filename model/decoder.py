@@ -79,7 +79,7 @@ def run_layers(layers, x, inputs: StepInputs, kv_pages, backend, windows: tuple)
 
             (x, kv_pages), aux = jax.lax.scan(write_body, (x, kv_pages), (state, layer_ids))
         else:
-            def read_only_body(h, xs, window=window):
+            def read_only_body(h, xs, window=window, kv_pages=kv_pages):
                 state, index = xs
                 h, kv, aux = nnx.merge(graphdef, state)(h, inputs, kv_pages, index, backend, layout,
                                                         sliding_window=window)

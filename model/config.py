@@ -30,7 +30,8 @@ class ModelConfig:
     tie_word_embeddings: bool
     attention_bias: bool
     qk_norm: bool
-    sliding_window: int | None
+    sliding_window: int | None  # the window of the layers that have one (None: no layer does)
+    layer_windows: tuple[int | None, ...]  # per layer: its sliding window, or None for full attention
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     torch_dtype: str | None
@@ -61,7 +62,8 @@ class ModelConfig:
         model_type = raw.get("model_type", "")
         # Qwen2 always has q/k/v biases; Llama only when attention_bias says so.
         attention_bias = bool(raw.get("attention_bias", model_type == "qwen2"))
-        sliding = raw.get("sliding_window") if raw.get("use_sliding_window") else None
+        num_layers = int(need("num_hidden_layers"))
+        sliding, layer_windows = _sliding_windows(raw, model_type, num_layers)
         # transformers >= 5 writes rope settings as `rope_parameters`; older configs use
         # `rope_theta` + `rope_scaling`.
         rope = dict(raw.get("rope_parameters") or {})
@@ -75,7 +77,7 @@ class ModelConfig:
             vocab_size=int(need("vocab_size")),
             hidden_size=hidden,
             intermediate_size=int(need("intermediate_size")),
-            num_layers=int(need("num_hidden_layers")),
+            num_layers=num_layers,
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=int(head_dim),
@@ -86,7 +88,8 @@ class ModelConfig:
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=attention_bias,
             qk_norm=model_type == "qwen3",
-            sliding_window=int(sliding) if sliding else None,
+            sliding_window=sliding,
+            layer_windows=layer_windows,
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
             torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
@@ -103,3 +106,30 @@ class ModelConfig:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path} is not valid JSON: {exc}") from None
         return cls.from_dict(raw)
+
+
+def _sliding_windows(raw: dict[str, Any], model_type: str, num_layers: int) -> tuple[int | None, tuple]:
+    """`(window, per-layer windows)` as transformers applies them:
+    - `layer_types` (written by transformers >= 5): "sliding_attention" layers use the window;
+    - Qwen2 / Qwen3 style (`use_sliding_window`): layers from `max_window_layers` on use it;
+    - Mistral: every layer when `sliding_window` is set."""
+    window = raw.get("sliding_window")
+    if model_type == "mistral":
+        enabled = window is not None
+    else:
+        enabled = bool(raw.get("use_sliding_window")) and window is not None
+    if not enabled:
+        return None, (None,) * num_layers
+    window = int(window)
+    layer_types = raw.get("layer_types")
+    if layer_types is not None:
+        if len(layer_types) != num_layers:
+            raise ConfigError(f"layer_types has {len(layer_types)} entries for {num_layers} layers")
+        sliding = [kind == "sliding_attention" for kind in layer_types]
+    elif model_type == "mistral":
+        sliding = [True] * num_layers
+    else:
+        first = int(raw.get("max_window_layers", 0))
+        sliding = [i >= first for i in range(num_layers)]
+    layer_windows = tuple(window if s else None for s in sliding)
+    return (window if any(sliding) else None), layer_windows

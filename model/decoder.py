@@ -30,43 +30,73 @@ from model.layers import RMSNorm, rope_inverse_frequencies, rope_tables
 LAYERS = "layers"  # the attribute holding the stacked layers; its params are split off by `arrange_params`
 
 
-def run_layers(layers, x, inputs: StepInputs, kv_pages, backend) -> tuple[Any, Any, dict]:
+def _runs(windows: tuple) -> list[tuple[int, int, int | None]]:
+    """`(start, end, window)` for each run of consecutive layers with the same sliding window."""
+    runs: list[list] = []
+    for index, window in enumerate(windows):
+        if runs and runs[-1][2] == window:
+            runs[-1][1] = index + 1
+        else:
+            runs.append([index, index + 1, window])
+    return [tuple(run) for run in runs]
+
+
+def run_layers(layers, x, inputs: StepInputs, kv_pages, backend, windows: tuple) -> tuple[Any, Any, dict]:
     """Run every layer; returns `(x, kv, aux)` with `kv` the updated cache or a `KVWrite` (see the module
-    docstring) and `aux` each layer's auxiliary outputs stacked along a leading layer axis."""
+    docstring) and `aux` each layer's auxiliary outputs stacked along a leading layer axis.
+
+    `windows`: each layer's sliding window (None: full attention), static, passed to the layer as
+    `sliding_window`; the scan runs once per stretch of layers that share a window (one stretch for
+    every model whose layers all attend alike)."""
     layout = backend.step_layout(inputs.meta, x.shape[0])
     if isinstance(layers, list | tuple):  # one module per layer: the unrolled loop
         collected, auxes = [], []
         for index, layer in enumerate(layers):
-            x, kv, aux = layer(x, inputs, kv_pages, jnp.int32(index), backend, layout)
+            x, kv, aux = layer(x, inputs, kv_pages, jnp.int32(index), backend, layout, sliding_window=windows[index])
             if backend.writes_in_step:
                 kv_pages = kv
             else:
                 collected.append(kv)
             auxes.append(aux)
-        aux = jax.tree.map(lambda *xs: jnp.stack(xs), *auxes) if auxes and auxes[0] else {}
+        aux = _stack_aux(auxes)
         if backend.writes_in_step:
             return x, kv_pages, aux
         return x, KVWrite(jnp.stack(collected), inputs.meta.page_indices, *layout), aux
 
     graphdef, layer_state = nnx.split(layers)
-    layer_ids = jnp.arange(jax.tree.leaves(layer_state)[0].shape[0], dtype=jnp.int32)
+    runs = _runs(windows)
+    new_kv, auxes = [], []
+    for start, end, window in runs:
+        state = layer_state if len(runs) == 1 else jax.tree.map(lambda a, s=start, e=end: a[s:e], layer_state)
+        layer_ids = jnp.arange(start, end, dtype=jnp.int32)
+        if backend.writes_in_step:
+            def write_body(carry, xs, window=window):
+                h, pages = carry
+                state, index = xs
+                h, pages, aux = nnx.merge(graphdef, state)(h, inputs, pages, index, backend, None,
+                                                           sliding_window=window)
+                return (h, pages), aux
+
+            (x, kv_pages), aux = jax.lax.scan(write_body, (x, kv_pages), (state, layer_ids))
+        else:
+            def read_only_body(h, xs, window=window, kv_pages=kv_pages):
+                state, index = xs
+                h, kv, aux = nnx.merge(graphdef, state)(h, inputs, kv_pages, index, backend, layout,
+                                                        sliding_window=window)
+                return h, (kv, aux)
+
+            x, (kv, aux) = jax.lax.scan(read_only_body, x, (state, layer_ids))
+            new_kv.append(kv)
+        auxes.append(aux)
+    aux = auxes[0] if len(auxes) == 1 else jax.tree.map(lambda *xs: jnp.concatenate(xs), *auxes)
     if backend.writes_in_step:
-        def write_body(carry, xs):
-            h, pages = carry
-            state, index = xs
-            h, pages, aux = nnx.merge(graphdef, state)(h, inputs, pages, index, backend, None)
-            return (h, pages), aux
-
-        (x, kv_pages), aux = jax.lax.scan(write_body, (x, kv_pages), (layer_state, layer_ids))
         return x, kv_pages, aux
+    kv = new_kv[0] if len(new_kv) == 1 else jnp.concatenate(new_kv)
+    return x, KVWrite(kv, inputs.meta.page_indices, *layout), aux
 
-    def read_only_body(h, xs):
-        state, index = xs
-        h, new_kv, aux = nnx.merge(graphdef, state)(h, inputs, kv_pages, index, backend, layout)
-        return h, (new_kv, aux)
 
-    x, (new_kv, aux) = jax.lax.scan(read_only_body, x, (layer_state, layer_ids))
-    return x, KVWrite(new_kv, inputs.meta.page_indices, *layout), aux
+def _stack_aux(auxes: list[dict]) -> dict:
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *auxes) if auxes and auxes[0] else {}
 
 
 class DecoderModel(nnx.Module):
@@ -104,7 +134,8 @@ class DecoderModel(nnx.Module):
                                                                            cfg.rope_scaling))
             inputs = inputs._replace(rope=rope)
         x = self.embed_tokens[...][inputs.input_ids]
-        x, kv, aux = run_layers(self.layers if layers is None else layers, x, inputs, kv_pages, backend)
+        x, kv, aux = run_layers(self.layers if layers is None else layers, x, inputs, kv_pages, backend,
+                                self.config.layer_windows)
         return ForwardOutput(self.norm(x), kv, aux)
 
     def logits(self, hidden_rows):

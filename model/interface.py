@@ -66,8 +66,10 @@ class ForwardOutput(NamedTuple):
 class DecoderLayerModule(Protocol):
     """What `model.decoder.run_layers` calls for each layer of any decoder family."""
 
-    def __call__(self, x, inputs: StepInputs, kv_pages, layer, backend: AttentionBackend, layout):
-        """-> `(x, kv, aux)`: `kv` as `AttentionBackend.step_attention` returns it, `aux` a dict."""
+    def __call__(self, x, inputs: StepInputs, kv_pages, layer, backend: AttentionBackend, layout,
+                 sliding_window: int | None = None):
+        """-> `(x, kv, aux)`: `kv` as `AttentionBackend.step_attention` returns it, `aux` a dict.
+        `sliding_window` is this layer's (static; `ModelConfig.layer_windows`)."""
 
     def fuse_projections(self) -> None:
         """Merge matmuls that read the same input (the CPU path); a family without any does nothing."""

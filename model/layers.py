@@ -103,20 +103,36 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any
         return jnp.where(medium, smoothed, scaled), 1.0
     if kind == "yarn":
         old_len = float(scaling["original_max_position_embeddings"])
-        beta_fast = float(scaling.get("beta_fast", 32.0))
-        beta_slow = float(scaling.get("beta_slow", 1.0))
+        beta_fast = float(scaling.get("beta_fast") or 32.0)
+        beta_slow = float(scaling.get("beta_slow") or 1.0)
 
         def correction_dim(rotations):
             return head_dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
-        low = max(math.floor(correction_dim(beta_fast)), 0)
-        high = min(math.ceil(correction_dim(beta_slow)), head_dim - 1)
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if scaling.get("truncate", True):  # transformers' default: a whole-dimension ramp
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
         ramp = jnp.clip((jnp.arange(head_dim // 2, dtype=jnp.float32) - low) / max(high - low, 1e-3), 0, 1)
         extrapolation = 1 - ramp
         inv = (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
-        attention_factor = scaling.get("attention_factor") or (0.1 * math.log(factor) + 1.0)
-        return inv, float(attention_factor)
+        return inv, float(_yarn_attention_factor(scaling, factor))
     raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3, yarn)")
+
+
+def _yarn_attention_factor(scaling: dict[str, Any], factor: float) -> float:
+    """The cos / sin scale: given, or from `mscale` / `mscale_all_dim` (DeepSeek style), else YaRN's
+    `0.1 ln(factor) + 1`, as transformers computes it."""
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if m and m_all:
+        return mscale(factor, float(m)) / mscale(factor, float(m_all))
+    return mscale(factor)
 
 
 def rope_tables(positions, inv_freq, attention_factor: float = 1.0, xp=jnp):

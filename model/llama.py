@@ -1,7 +1,8 @@
-"""The Llama decoder family: Llama 2/3 and SmolLM2, Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm).
+"""The Llama decoder family: Llama 2/3 and SmolLM2, Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm).
 
 One layer class, `LlamaDecoderLayer`; the layer loop, embeddings and heads are `model.decoder`'s. The
-config switches the variants: `attention_bias` (Qwen2), `qk_norm` (Qwen3), `sliding_window`.
+config switches the variants: `attention_bias` (Qwen2), `qk_norm` (Qwen3), per-layer sliding windows
+(`ModelConfig.layer_windows`, handed to each layer by the layer loop).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class LlamaAttention(nnx.Module):
         self.qkv_proj = nnx.data(FusedDense([self.q_proj, self.k_proj, self.v_proj]))
         self.q_proj = self.k_proj = self.v_proj = None
 
-    def __call__(self, x, inputs: StepInputs, kv_pages, layer, backend, layout):
+    def __call__(self, x, inputs: StepInputs, kv_pages, layer, backend, layout, sliding_window=None):
         """-> `(out, kv)` as `AttentionBackend.step_attention` returns `kv`."""
         cfg = self.config
         num_tokens = x.shape[0]
@@ -50,7 +51,7 @@ class LlamaAttention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *inputs.rope), apply_rope(k, *inputs.rope)
         out, kv = backend.step_attention(q, k, v, kv_pages, layer, inputs.meta, layout, sm_scale=cfg.head_dim**-0.5,
-                                         sliding_window=cfg.sliding_window)
+                                         sliding_window=sliding_window)
         return self.o_proj(out.reshape(num_tokens, -1)), kv
 
 
@@ -65,14 +66,14 @@ class LlamaDecoderLayer(nnx.Module):
         self.self_attn.fuse_projections()
         self.mlp.fuse_projections()
 
-    def __call__(self, x, inputs: StepInputs, kv_pages, layer, backend, layout):
-        h, kv = self.self_attn(self.input_layernorm(x), inputs, kv_pages, layer, backend, layout)
+    def __call__(self, x, inputs: StepInputs, kv_pages, layer, backend, layout, sliding_window=None):
+        h, kv = self.self_attn(self.input_layernorm(x), inputs, kv_pages, layer, backend, layout, sliding_window)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, kv, {}
 
 
 class LlamaForCausalLM(DecoderModel):
-    """Also registered for Qwen2ForCausalLM and Qwen3ForCausalLM: the config switches bias and q/k norm."""
+    """Also registered for Mistral, Qwen2 and Qwen3: the config switches bias, q/k norm and windows."""
 
     layer_class = LlamaDecoderLayer

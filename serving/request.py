@@ -104,7 +104,8 @@ class Request:
 
     def _check_stop_strings(self, before: int) -> None:
         stop_strings = self.sampling.stop
-        if not stop_strings:
+        # Like SGLang, nothing stops a request before min_new_tokens (stop ids are banned on device).
+        if not stop_strings or len(self.output_ids) < self.sampling.min_new_tokens:
             return
         text = self.detokenizer.text
         longest = max(len(s) for s in stop_strings)

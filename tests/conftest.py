@@ -58,6 +58,7 @@ def make_tiny_checkpoint(out: Path, arch: str = "llama", **overrides) -> Path:
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
     }
     config_cls, model_cls = classes[arch]
     torch.manual_seed(hash((arch, str(out))) % 2**31)

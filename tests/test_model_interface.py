@@ -104,13 +104,16 @@ class _RouterLayer(nnx.Module):
     def fuse_projections(self):
         pass
 
-    def __call__(self, x, inputs, kv_pages, layer, backend, layout):
-        kv = jnp.zeros((x.shape[0], kv_pages.shape[2], kv_pages.shape[4]), kv_pages.dtype)
+    def __call__(self, x, inputs, kv_pages, layer, backend, layout, sliding_window=None):
+        kv = jnp.zeros((x.shape[0], kv_pages.shape[2], kv_pages.shape[4]), kv_pages.dtype) + (sliding_window or 0)
         return x * self.scale[...], kv, {"choice": jnp.argmax(x, axis=-1).astype(jnp.int32) + layer}
 
 
+@pytest.mark.parametrize("windows", [(None, None, None), (None, 4, 4), (4, None, 4)])
 @pytest.mark.parametrize("unrolled", [False, True])
-def test_layer_loop_collects_auxiliary_outputs_per_layer(rng, unrolled):
+def test_layer_loop_collects_auxiliary_outputs_per_layer(rng, unrolled, windows):
+    """Aux outputs stack along the layer axis, and each layer gets its own sliding window, in the scan
+    (one scan per stretch of equal windows) and in the unrolled loop alike."""
     config = ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], "vocab_size": 8, "hidden_size": 4,
                                     "intermediate_size": 8, "num_hidden_layers": 3, "num_attention_heads": 1})
 
@@ -130,9 +133,10 @@ def test_layer_loop_collects_auxiliary_outputs_per_layer(rng, unrolled):
                              jnp.array([1], jnp.int32))
     inputs = StepInputs(jnp.zeros(5, jnp.int32), jnp.arange(5, dtype=jnp.int32), meta, None)
     kv_pages = jnp.zeros((3, 2, 2, 4, 1))  # head-major, one KV head of dim 1
-    out, kv, aux = run_layers(layers, x, inputs, kv_pages, AttentionBackend("reference"))
+    out, kv, aux = run_layers(layers, x, inputs, kv_pages, AttentionBackend("reference"), windows)
     np.testing.assert_allclose(np.asarray(out), np.asarray(x) * 8, rtol=1e-6)
     assert isinstance(kv, KVWrite) and kv.new_kv.shape == (3, 5, 2, 1)
+    np.testing.assert_array_equal(np.asarray(kv.new_kv)[:, 0, 0, 0], [w or 0 for w in windows])
     expected = np.stack([np.argmax(np.asarray(x) * 2**i, axis=-1) + i for i in range(3)])
     np.testing.assert_array_equal(np.asarray(aux["choice"]), expected)
 

@@ -297,6 +297,23 @@ def test_every_stop_id_is_banned_until_min_new_tokens():
     check_pages(cache)
 
 
+def test_stop_strings_wait_for_min_new_tokens():
+    """A stop string the model writes before min_new_tokens does not end the request (SGLang checks no
+    stop condition before then); one written after it does."""
+    scheduler, runner, cache = make_scheduler(model=lambda context: 1)  # always "b"
+    early = make_request("early", prompt(5, 70), 12, detok=True, stop=["b"], min_new_tokens=4)
+    plain = make_request("plain", prompt(5, 71), 12, detok=True, stop=["b"])
+    for r in (early, plain):
+        scheduler.submit(r)
+    drive(scheduler)
+    assert plain.output_ids == [1] and plain.snapshot().text == ""
+    # Checked from the min_new_tokens-th token on (SGLang's check_finished), so the fourth stops it.
+    assert early.output_ids == [1] * 4
+    assert early.finish_reason.to_dict() == {"type": "stop", "matched": "b"}
+    assert early.snapshot().text == "bbb"
+    check_pages(cache)
+
+
 def test_the_scheduler_thread_serves_submitted_requests():
     scheduler, runner, cache = make_scheduler()
     done = threading.Event()

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,12 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# The tiny checkpoints' weights: fresh each run, shown in pytest's header; set CHECKPOINT_SEED to replay.
+CHECKPOINT_SEED = int(os.environ.get("CHECKPOINT_SEED", int.from_bytes(os.urandom(4), "little")))
+
+
+def pytest_report_header(config):
+    return f"CHECKPOINT_SEED={CHECKPOINT_SEED} (tiny checkpoints' random weights; set it to replay a run)"
 
 
 def write_tokenizer(out: Path, vocab_size: int = 384) -> None:
@@ -61,7 +68,9 @@ def make_tiny_checkpoint(out: Path, arch: str = "llama", **overrides) -> Path:
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
     }
     config_cls, model_cls = classes[arch]
-    torch.manual_seed(hash((arch, str(out))) % 2**31)
+    # Fresh weights each run, replayable: CHECKPOINT_SEED (printed) mixed with the architecture and the
+    # overrides, so two checkpoints of one run differ.
+    torch.manual_seed((CHECKPOINT_SEED + zlib.crc32(repr((arch, sorted(overrides.items()))).encode())) % 2**31)
     model = model_cls(config_cls(**common)).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():

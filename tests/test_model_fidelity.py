@@ -113,10 +113,17 @@ def test_greedy_tokens_match_transformers_through_the_engine(variant, one_torch_
         engine.shutdown()
 
 
-def test_mixed_sliding_windows_through_the_server(tmp_path, one_torch_thread):
-    """Qwen2 with a full-attention first layer and a windowed second one, served with the default flags."""
-    path = make_tiny_checkpoint(tmp_path / "qwen2-window", "qwen2", use_sliding_window=True, sliding_window=6,
-                                max_window_layers=1)
+SERVED = {
+    # A full-attention first layer and a windowed second one.
+    "qwen2-window": ("qwen2", {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 1}),
+    "qwen3": ("qwen3", {"head_dim": 32}),  # q/k norms
+}
+
+
+@pytest.mark.parametrize("name", list(SERVED))
+def test_through_the_server_with_default_flags(tmp_path, one_torch_thread, name):
+    arch, overrides = SERVED[name]
+    path = make_tiny_checkpoint(tmp_path / name, arch, **overrides)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     rng = np.random.default_rng(replayable_seed("FIDELITY_SEED"))
     server = ServerProcess(path, "--page-size", "4", "--max-total-tokens", "1024", "--chunked-prefill-size", "16")

@@ -13,7 +13,7 @@ import requests
 import torch
 import transformers
 
-from tests.conftest import ServerProcess, make_tiny_checkpoint
+from tests.conftest import ServerProcess, make_tiny_checkpoint, replayable_seed
 
 SERVER_FLAGS = ("--page-size", "4", "--max-total-tokens", "4096", "--max-running-requests", "8",
                 "--chunked-prefill-size", "32", "--random-seed", "0")
@@ -46,8 +46,15 @@ def greedy(hf_model, ids, n):
     return out[0, len(ids):].tolist()
 
 
+_RNG = None
+
+
 def random_ids(n, rng=None):
-    rng = rng or np.random.default_rng()
+    """Fresh random prompt ids; one generator per test session, seeded by SERVER_TEST_SEED (printed)."""
+    global _RNG
+    if rng is None:
+        _RNG = _RNG or np.random.default_rng(replayable_seed("SERVER_TEST_SEED"))
+        rng = _RNG
     return rng.integers(3, 384, size=n).tolist()
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import transformers
 
-from tests.conftest import ServerProcess, make_tiny_checkpoint
+from tests.conftest import ServerProcess, make_tiny_checkpoint, replayable_seed
 
 
 def test_pallas_attention_backend_through_the_server(tmp_path):
@@ -17,7 +17,7 @@ def test_pallas_attention_backend_through_the_server(tmp_path):
     server = ServerProcess(path, "--attention-backend", "pallas", "--page-size", "4", "--max-total-tokens", "256",
                            "--max-running-requests", "2", "--chunked-prefill-size", "8")
     try:
-        rng = np.random.default_rng()
+        rng = np.random.default_rng(replayable_seed("PALLAS_SERVER_SEED"))
         prompts = [rng.integers(3, 384, size=n).tolist() for n in (5, 11)]  # 11 > chunk: chunked prefill
         out = server.post("/generate", json={"input_ids": prompts, "sampling_params": {
             "temperature": 0, "max_new_tokens": 6, "ignore_eos": True}}).json()

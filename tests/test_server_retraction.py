@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, replayable_seed
 
 NEW_TOKENS = 24
 
@@ -25,7 +25,7 @@ def small_cache_server(tiny_llama_dir):
 
 
 def test_64_concurrent_requests_with_retraction(small_cache_server, tiny_llama_dir):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(replayable_seed("RETRACTION_TEST_SEED"))
     prompts = [rng.integers(3, 384, size=int(n)).tolist() for n in rng.integers(8, 24, size=64)]
 
     def send(ids):

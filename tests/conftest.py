@@ -58,7 +58,12 @@ def make_tiny_checkpoint(out: Path, arch: str = "llama", **overrides) -> Path:
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
     }
+    if arch.endswith("_moe"):  # 8 experts, 2 per token; Qwen2-MoE adds its shared expert
+        common = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "shared_expert_intermediate_size": 48, **common}
     config_cls, model_cls = classes[arch]
     torch.manual_seed(hash((arch, str(out))) % 2**31)
     model = model_cls(config_cls(**common)).eval()

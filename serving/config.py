@@ -43,6 +43,8 @@ class RuntimeConfig:
     mem_fraction_static: float
     unroll_layers: bool
     schedule_policy: str = "fcfs"
+    moe_backend: str = "auto"  # `--moe-backend`, for MoE models (`kernels.moe.resolve_backend`)
+    expert_recorder_mode: str | None = None  # `--expert-distribution-recorder-mode`: the step returns router counts
 
     @property
     def on_cpu(self) -> bool:
@@ -76,5 +78,6 @@ def resolve_runtime_config(args: ServerArgs, platform: str | None = None) -> Run
         attention_backend=args.attention_backend, max_running_requests=max_running,
         chunked_prefill_size=chunk if chunking else 1 << 30, max_step_tokens=max(step_tokens, max_running),
         context_length=args.context_length, max_total_tokens=args.max_total_tokens, mem_fraction_static=fraction,
-        unroll_layers=on_cpu, schedule_policy=args.schedule_policy,
+        unroll_layers=on_cpu, schedule_policy=args.schedule_policy, moe_backend=args.moe_backend,
+        expert_recorder_mode=args.expert_distribution_recorder_mode,
     )

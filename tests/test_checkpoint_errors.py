@@ -245,7 +245,7 @@ def test_unsupported_architecture_lists_the_supported_ones():
         model_class_for(config)
     assert str(caught.value) == (
         "Unsupported architecture 'GPT2LMHeadModel'; supported architectures: "
-        "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"
+        "LlamaForCausalLM, Qwen2ForCausalLM, Qwen2MoeForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM"
     )
 
 

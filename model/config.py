@@ -36,6 +36,14 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     torch_dtype: str | None
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
+    # Mixture of experts (Qwen2-MoE / Qwen3-MoE); num_experts 0 for dense models.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0  # 0: no shared expert (Qwen3-MoE)
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
@@ -60,8 +68,8 @@ class ModelConfig:
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         model_type = raw.get("model_type", "")
-        # Qwen2 always has q/k/v biases; Llama only when attention_bias says so.
-        attention_bias = bool(raw.get("attention_bias", model_type == "qwen2"))
+        # Qwen2 always has q/k/v biases; Llama only when attention_bias says so; Qwen2-MoE says `qkv_bias`.
+        attention_bias = bool(raw.get("attention_bias", raw.get("qkv_bias", model_type in ("qwen2", "qwen2_moe"))))
         num_layers = int(need("num_hidden_layers"))
         sliding, layer_windows = _sliding_windows(raw, model_type, num_layers)
         # transformers >= 5 writes rope settings as `rope_parameters`; older configs use
@@ -87,14 +95,21 @@ class ModelConfig:
             max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=attention_bias,
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
             sliding_window=sliding,
             layer_windows=layer_windows,
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
             torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
             raw=raw,
+            **_moe_fields(raw),
         )
+
+    @property
+    def sparse_layers(self) -> tuple[bool, ...]:
+        """Per layer: whether its MLP is the routed experts (transformers' Qwen2-MoE rule)."""
+        return tuple(self.num_experts > 0 and i not in self.mlp_only_layers
+                     and (i + 1) % self.decoder_sparse_step == 0 for i in range(self.num_layers))
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelConfig:
@@ -133,3 +148,22 @@ def _sliding_windows(raw: dict[str, Any], model_type: str, num_layers: int) -> t
         sliding = [i >= first for i in range(num_layers)]
     layer_windows = tuple(window if s else None for s in sliding)
     return (window if any(sliding) else None), layer_windows
+
+
+def _moe_fields(raw: dict[str, Any]) -> dict[str, Any]:
+    # transformers >= 5 writes Qwen3-MoE's expert count as `num_local_experts`; released configs say `num_experts`.
+    num_experts = int(raw.get("num_experts") or raw.get("num_local_experts") or 0)
+    if not num_experts:
+        return {}
+    top_k = int(raw.get("num_experts_per_tok") or 0)
+    if not 0 < top_k <= num_experts:
+        raise ConfigError(f"num_experts_per_tok must be in [1, num_experts={num_experts}], got {top_k}")
+    step = int(raw.get("decoder_sparse_step") or 1)
+    if step < 1:
+        raise ConfigError(f"decoder_sparse_step must be at least 1, got {step}")
+    # Qwen3-MoE configs carry a shared_expert_intermediate_size, but the model has no shared expert.
+    shared = int(raw.get("shared_expert_intermediate_size") or 0) if raw.get("model_type") == "qwen2_moe" else 0
+    return dict(num_experts=num_experts, num_experts_per_tok=top_k,
+                moe_intermediate_size=int(raw.get("moe_intermediate_size") or raw["intermediate_size"]),
+                shared_expert_intermediate_size=shared, norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
+                decoder_sparse_step=step, mlp_only_layers=tuple(int(i) for i in raw.get("mlp_only_layers") or ()))

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 # What a served model does with a request: sample tokens, return an embedding, return a score.
 MODEL_TASKS = ("generate", "embed", "score")
+# Aux outputs with a token axis after the layer axis (the runner trims the padding tokens off); the
+# others (e.g. "expert_counts" int32[layers, experts]) are whole-step values.
+PER_TOKEN_AUX = frozenset({"expert_ids"})
 
 
 class AttentionMetadata(NamedTuple):

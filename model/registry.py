@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from model.config import ConfigError, ModelConfig
 from model.llama import LlamaForCausalLM
+from model.qwen2_moe import Qwen2MoeForCausalLM
 
 MODEL_CLASSES = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen2MoeForCausalLM,
 }
 
 

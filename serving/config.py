@@ -45,6 +45,8 @@ class RuntimeConfig:
     schedule_policy: str = "fcfs"
     max_queued_requests: int | None = None  # None: no cap on requests waiting for admission
     decode_log_interval: int = 40  # decode steps between two "Decode batch" log lines
+    moe_backend: str = "auto"  # `--moe-backend`, for MoE models (`kernels.moe.resolve_backend`)
+    expert_recorder_mode: str | None = None  # `--expert-distribution-recorder-mode`: the step returns router counts
 
     @property
     def on_cpu(self) -> bool:
@@ -80,4 +82,5 @@ def resolve_runtime_config(args: ServerArgs, platform: str | None = None) -> Run
         context_length=args.context_length, max_total_tokens=args.max_total_tokens, mem_fraction_static=fraction,
         unroll_layers=on_cpu, schedule_policy=args.schedule_policy,
         max_queued_requests=args.max_queued_requests, decode_log_interval=args.decode_log_interval,
+        moe_backend=args.moe_backend, expert_recorder_mode=args.expert_distribution_recorder_mode,
     )

@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 
+from serving import expert_stats
 from serving.config import resolve_runtime_config
 from serving.prefix_cache import PrefixCache
 from serving.protocol import (
@@ -103,8 +104,21 @@ class Engine:
         if args.precompile:
             seconds = self.runner.precompile()
             logger.info("Compiled %d step buckets in %.1f s", len(self.runner.buckets()), seconds)
+        self.expert_recorder = self._expert_recorder(args)
         self.scheduler = Scheduler(self.runner, self.prefix_cache, self.runtime)
         self.scheduler.start()
+
+    def _expert_recorder(self, args: ServerArgs) -> expert_stats.ExpertDistributionRecorder | None:
+        mode, config = args.expert_distribution_recorder_mode, self.config
+        reason = expert_stats.unavailable_message(mode, config.architecture, config.num_experts)
+        if reason is not None:
+            if mode is not None:
+                logger.warning(reason)
+            return None
+        recorder = expert_stats.ExpertDistributionRecorder(
+            mode, args.expert_distribution_recorder_buffer_size, config.num_layers, config.num_experts)
+        self.runner.aux_sink = recorder.record
+        return recorder
 
     def _eos_ids(self) -> frozenset[int]:
         ids = set(self.config.eos_token_ids)
@@ -330,6 +344,16 @@ class Engine:
     async def flush_cache(self) -> bool:
         """Drop the prefix cache; False (nothing done) while any request is running or waiting."""
         return await asyncio.wrap_future(self.scheduler.call(self.scheduler.flush))
+
+    async def expert_distribution(self, action: str) -> list[Path]:
+        """`start`, `stop` or `dump` the expert-distribution record, on the scheduler thread between two
+        steps; a dump's files are written off it (their paths returned). RequestError (400) when this
+        server records nothing (no recorder mode, or a dense model)."""
+        if self.expert_recorder is None:
+            raise RequestError(expert_stats.unavailable_message(
+                self.server_args.expert_distribution_recorder_mode, self.config.architecture, self.config.num_experts))
+        result = await asyncio.wrap_future(self.scheduler.call(getattr(self.expert_recorder, action)))
+        return await asyncio.to_thread(expert_stats.write_dump, result) if action == "dump" else []
 
     def abort(self, rid: str, abort_all: bool = False, cause: str = "/abort_request") -> None:
         """Abort every request whose id starts with `rid` (all of them with `abort_all`); `cause` is logged."""

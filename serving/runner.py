@@ -27,10 +27,11 @@ from checkpoints.safetensors import load_params
 from kernels.attention import AttentionBackend, resolve_attention_backend
 from model.config import ModelConfig
 from model.decoder import BoundParams, arrange_params
-from model.interface import AttentionMetadata, StepInputs
+from model.interface import PER_TOKEN_AUX, AttentionMetadata, StepInputs
 from model.layers import rope_inverse_frequencies, rope_tables
 from model.registry import model_class_for
 from serving.config import RuntimeConfig
+from serving.expert_stats import aux_outputs_for
 from serving.kv_cache import KVCacheSpec, allocate_kv_pages, params_bytes, plan_kv_cache
 from serving.sampler import SamplingBatch, sample
 
@@ -68,6 +69,12 @@ def _sample_step(bound, treedef, backend, param_leaves, kv_pages, batch: StepBat
     model, out = _forward(bound, treedef, backend, param_leaves, kv_pages, batch.inputs)
     tokens = sample(model.logits(out.hidden[batch.logits_indices]), batch.sampling)
     return tokens, out.kv, out.aux
+
+
+def _keep_aux(step, names, *args):
+    """`step` returning only the aux outputs in `names`: XLA drops the rest, so they cost nothing."""
+    result, kv, aux = step(*args)
+    return result, kv, {name: aux[name] for name in names if name in aux}
 
 
 def _pool_step(bound, treedef, backend, method, normalize, param_leaves, kv_pages, batch: StepBatch):
@@ -112,10 +119,14 @@ class ModelRunner:
         self.pages_per_seq = -(-self.context_length // config.page_size)
         self.kv_pages = allocate_kv_pages(self.kv_spec)
         self.last_aux: dict[str, np.ndarray] = {}  # the last step's auxiliary outputs (model.interface)
+        # The aux outputs the step returns (the expert recorder's), and who gets them after each `run`.
+        self.aux_names = aux_outputs_for(config.expert_recorder_mode)
+        self.aux_sink = None  # Callable[[dict[str, np.ndarray], HostBatch], None]
         static = (self._bound, self._param_treedef, self.attention)
         # The CPU path's step only reads the cache (nothing to donate); the Pallas kernels update it in place.
         donate = () if self.attention.head_major else (1,)
-        self._step = jax.jit(partial(_sample_step, *static), donate_argnums=donate)
+        self._step = jax.jit(partial(_keep_aux, partial(_sample_step, *static), self.aux_names),
+                             donate_argnums=donate)
         self._pool_steps: dict[tuple[str, bool], object] = {}
         self._pool_static = static
         self._write_kv = jax.jit(self.attention.write_layers, donate_argnums=(0,))
@@ -128,7 +139,8 @@ class ModelRunner:
 
     def _abstract_model(self, config: ModelConfig):
         cls = model_class_for(config)
-        return nnx.eval_shape(lambda: cls(config, dtype=self.dtype, rngs=nnx.Rngs(0)))
+        options = {"moe_backend": self.runtime.moe_backend} if getattr(cls, "takes_moe_backend", False) else {}
+        return nnx.eval_shape(lambda: cls(config, dtype=self.dtype, rngs=nnx.Rngs(0), **options))
 
     @property
     def params(self):
@@ -205,6 +217,8 @@ class ModelRunner:
         """Run one sampling step; returns the sampled token of each sequence (`int32[num_seqs]`)."""
         # Host arrays go straight into the jit call: an explicit device_put of the batch cost ~0.7 ms.
         tokens = self._run(self._step, self._padded(host), len(host.input_ids))
+        if self.aux_sink is not None and self.last_aux:
+            self.aux_sink(self.last_aux, host)
         return np.asarray(tokens)[: len(host.kv_lens)]
 
     def run_pool(self, host: HostBatch, *, method: str = "last", normalize: bool = False) -> np.ndarray:
@@ -220,7 +234,8 @@ class ModelRunner:
         result, kv, aux = step(self._param_leaves, self.kv_pages, batch)
         self.kv_pages = self._write_kv(self.kv_pages, kv) if self.attention.head_major else kv
         # Auxiliary outputs (none for dense models) come back only when a model declares them.
-        self.last_aux = {name: np.asarray(value)[:, :num_tokens] for name, value in aux.items()}
+        self.last_aux = {name: np.asarray(value)[:, :num_tokens] if name in PER_TOKEN_AUX else np.asarray(value)
+                         for name, value in aux.items()}
         return result
 
     def precompile(self, progress: bool = True) -> float:

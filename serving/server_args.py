@@ -46,7 +46,6 @@ LOAD_FORMATS_LATER = ("pt", "npcache", "dummy", "sharded_state", "bitsandbytes",
                       "remote_instance")  # SGLang's other choices
 
 _ONE_DEVICE = "one device per server for now"
-_NO_MOE = "no mixture-of-experts model is served yet"
 # field -> (neutral value, why any other value is refused). At the neutral value the flag changes
 # nothing, which is exactly what the server does today; anything else asks for a feature that is not
 # there, so start-up refuses it rather than silently ignoring it.
@@ -59,9 +58,6 @@ NOT_SUPPORTED_YET: dict[str, tuple[Any, str]] = {
     "tp_size": (1, _ONE_DEVICE),
     "dp_size": (1, _ONE_DEVICE),
     "ep_size": (1, _ONE_DEVICE),
-    "moe_backend": ("auto", _NO_MOE),
-    "expert_distribution_recorder_mode": (None, _NO_MOE),
-    "expert_distribution_recorder_buffer_size": (None, _NO_MOE),
 }
 
 
@@ -162,8 +158,10 @@ class ServerArgs:
         "auto", "Attention implementation: auto (the platform's kernel: Pallas on TPU / GPU, the native "
         "kernel on CPU), pallas, cpu (the native CPU kernel), reference (plain jnp).", type=str,
         choices=ATTENTION_BACKEND_CHOICES)
-    moe_backend: str = _arg("auto", "MoE grouped-matmul implementation: not supported yet (no MoE model; "
-                            "accepted at auto).", type=str, choices=BACKEND_CHOICES)
+    moe_backend: str = _arg(
+        "auto", "MoE grouped-matmul implementation: auto (the Pallas kernel on TPU / GPU, jax.lax.ragged_dot "
+        "elsewhere), pallas (the platform's Pallas kernel; interpret mode on CPU, slow), reference (ragged_dot).",
+        type=str, choices=BACKEND_CHOICES)
     precompile: bool = _arg(True, "Do not compile every shape bucket at startup (compile on first use).",
                             flag="--disable-precompile")
     compilation_cache_dir: str | None = _arg(
@@ -180,10 +178,12 @@ class ServerArgs:
 
     # Expert-distribution recording (MoE)
     expert_distribution_recorder_mode: str | None = _arg(
-        None, "Record router expert choices: not supported yet (no MoE model).", type=str,
+        None, "Record the experts a MoE model's router picks, between /start_expert_distribution_record and "
+        "/dump_expert_distribution_record: stat (per-pass counts in a circular buffer), per_pass (one record "
+        "per forward pass), per_token (plus each token's ids, positions and top-k experts).", type=str,
         choices=EXPERT_RECORDER_MODE_CHOICES)
     expert_distribution_recorder_buffer_size: int | None = _arg(
-        None, "Forward passes kept by the expert recorder: not supported yet (no MoE model).", type=int)
+        None, "Forward passes the expert recorder keeps (default 1000; -1 keeps every pass).", type=int)
 
     def __post_init__(self) -> None:
         if isinstance(self.log_level, str):

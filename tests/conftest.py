@@ -66,7 +66,12 @@ def make_tiny_checkpoint(out: Path, arch: str = "llama", **overrides) -> Path:
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
     }
+    if arch.endswith("_moe"):  # 8 experts, 2 per token; Qwen2-MoE adds its shared expert
+        common = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "shared_expert_intermediate_size": 48, **common}
     config_cls, model_cls = classes[arch]
     # Fresh weights each run, replayable: CHECKPOINT_SEED (printed) mixed with the architecture and the
     # overrides, so two checkpoints of one run differ.

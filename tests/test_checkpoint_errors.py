@@ -243,7 +243,8 @@ def test_unsupported_architecture_lists_the_supported_ones():
                                     "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2})
     with pytest.raises(ConfigError) as caught:
         model_class_for(config)
-    assert {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"} <= set(MODEL_CLASSES)
+    assert {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM",
+            "Qwen3MoeForCausalLM"} <= set(MODEL_CLASSES)
     assert str(caught.value) == (
         "Unsupported architecture 'GPT2LMHeadModel'; supported architectures: " + ", ".join(sorted(MODEL_CLASSES))
     )

@@ -23,6 +23,8 @@ ARCHS = {
     "llama": {},
     "qwen2": {"tie_word_embeddings": True},
     "qwen3": {"head_dim": 32},
+    "qwen2_moe": {},  # the routed experts through kernels/moe, plus the sigmoid-gated shared expert
+    "qwen3_moe": {"norm_topk_prob": True},
 }
 
 

@@ -43,6 +43,7 @@ class RuntimeConfig:
     mem_fraction_static: float
     unroll_layers: bool
     schedule_policy: str = "fcfs"
+    is_embedding: bool = False  # --is-embedding: a causal LM checkpoint serves embeddings (model.registry)
 
     @property
     def on_cpu(self) -> bool:
@@ -76,5 +77,5 @@ def resolve_runtime_config(args: ServerArgs, platform: str | None = None) -> Run
         attention_backend=args.attention_backend, max_running_requests=max_running,
         chunked_prefill_size=chunk if chunking else 1 << 30, max_step_tokens=max(step_tokens, max_running),
         context_length=args.context_length, max_total_tokens=args.max_total_tokens, mem_fraction_static=fraction,
-        unroll_layers=on_cpu, schedule_policy=args.schedule_policy,
+        unroll_layers=on_cpu, schedule_policy=args.schedule_policy, is_embedding=args.is_embedding,
     )

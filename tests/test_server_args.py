@@ -106,7 +106,6 @@ NOT_YET_FLAGS = [
     (["--watchdog-timeout", "10.5"], "watchdog_timeout", 10.5),
     (["--expert-distribution-recorder-mode", "stat"], "expert_distribution_recorder_mode", "stat"),
     (["--expert-distribution-recorder-buffer-size", "-1"], "expert_distribution_recorder_buffer_size", -1),
-    (["--is-embedding"], "is_embedding", True),
     (["--enable-metrics"], "enable_metrics", True),
     (["--enable-cache-report"], "enable_cache_report", True),
     (["--sampling-defaults", "openai"], "sampling_defaults", "openai"),

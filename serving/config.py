@@ -47,6 +47,7 @@ class RuntimeConfig:
     decode_log_interval: int = 40  # decode steps between two "Decode batch" log lines
     moe_backend: str = "auto"  # `--moe-backend`, for MoE models (`kernels.moe.resolve_backend`)
     expert_recorder_mode: str | None = None  # `--expert-distribution-recorder-mode`: the step returns router counts
+    is_embedding: bool = False  # --is-embedding: a causal LM checkpoint serves embeddings (model.registry)
 
     @property
     def on_cpu(self) -> bool:
@@ -83,4 +84,5 @@ def resolve_runtime_config(args: ServerArgs, platform: str | None = None) -> Run
         unroll_layers=on_cpu, schedule_policy=args.schedule_policy,
         max_queued_requests=args.max_queued_requests, decode_log_interval=args.decode_log_interval,
         moe_backend=args.moe_backend, expert_recorder_mode=args.expert_distribution_recorder_mode,
+        is_embedding=args.is_embedding,
     )

@@ -25,6 +25,7 @@ import jax
 
 from serving import expert_stats
 from serving.config import resolve_runtime_config
+from serving.pooled_requests import probe_request, run_pooled
 from serving.prefix_cache import PrefixCache
 from serving.protocol import (
     GenerateFormatter,
@@ -35,6 +36,7 @@ from serving.protocol import (
     UpdateWeightsRequest,
     parse_generate_request,
 )
+from serving.protocol.pooling import NormalizedEncode
 from serving.request import Request, Task
 from serving.runner import ModelRunner
 from serving.scheduler import Scheduler
@@ -168,6 +170,10 @@ class Engine:
                 f"Input length ({n} tokens) exceeds the maximum allowed length ({self.max_req_input_len} tokens). "
                 "Use a shorter input or enable --allow-auto-truncate."
             )
+        if task is not Task.GENERATE and n > self.max_step_tokens:
+            # A pooled prompt runs whole in one step (see Scheduler._admit).
+            raise RequestError(f"Input length ({n} tokens) exceeds the {self.max_step_tokens} tokens a pooled request "
+                               "can run in one step; raise --chunked-prefill-size and --max-prefill-tokens.")
         max_new = 0 if prefill_only or task is not Task.GENERATE else sp.max_new_tokens
         if max_new is not None and max_new + n >= self.context_length:
             if not self.server_args.allow_auto_truncate:
@@ -263,6 +269,18 @@ class Engine:
         async for out in self.stream_outputs(request):
             formatter.collect(out)
         return formatter.response()
+
+    async def encode(self, request: NormalizedEncode) -> list[Output]:
+        """Embeddings / scores of a validated pooled request, in input order (serving/pooled_requests.py);
+        RequestError on a generation model, pairs for a model that is not a cross-encoder, and so on."""
+        return await run_pooled(self, request)
+
+    async def probe(self, body: dict[str, Any]) -> None:
+        """Warm-up and health check: a /generate body, run as an encode request on a pooled model."""
+        if self.task is Task.GENERATE:
+            await self.generate_request(self.parse(body))
+        else:
+            await self.encode(probe_request(body))
 
     # -- Python API (notebooks, scripts) ------------------------------------------------------------
     async def async_generate(self, stream: bool = False, **body: Any):

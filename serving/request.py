@@ -53,6 +53,7 @@ class Request:
     cached_tokens: int | None = None  # set at first admission
     retractions: int = 0
     finish_reason: FinishReason | None = None
+    pooled: list[float] | None = None  # a non-generate request's result: its embedding or scores
     _emitted_tokens: int = 0
     _text: str = ""
 
@@ -142,7 +143,7 @@ class Request:
             rid=self.rid, index=self.index, text=self.current_text(), output_ids=list(self.output_ids),
             finish_reason=self.finish_reason, prompt_tokens=len(self.input_ids),
             completion_tokens=len(self.output_ids), cached_tokens=self.cached_tokens or 0,
-            retractions=self.retractions,
+            retractions=self.retractions, embedding=self.pooled,
         )
 
     def maybe_emit(self) -> None:

@@ -27,6 +27,7 @@ from checkpoints.safetensors import load_params
 from kernels.attention import AttentionBackend, resolve_attention_backend
 from model.config import ModelConfig
 from model.decoder import BoundParams, arrange_params
+from model.decoder_pooling import pooling_for
 from model.interface import PER_TOKEN_AUX, AttentionMetadata, StepInputs
 from model.layers import rope_inverse_frequencies, rope_tables
 from model.registry import model_class_for
@@ -82,6 +83,14 @@ def _pool_step(bound, treedef, backend, method, normalize, param_leaves, kv_page
     return model.pool(out.hidden, batch.inputs, method=method, normalize=normalize), out.kv, out.aux
 
 
+def _encode_step(bound, treedef, backend, method, normalize, param_leaves, batch: StepBatch, segment_ids):
+    """An encoder's step: whole sequences, bidirectional within each, no cache read or written."""
+    model, layers = bound.bind(jax.tree.unflatten(treedef, param_leaves))
+    inputs = batch.inputs
+    hidden = model.encode(inputs.input_ids, inputs.positions, segment_ids, backend, layers)
+    return model.pool(hidden, inputs, method=method, normalize=normalize)
+
+
 class ModelRunner:
     def __init__(self, model_dir: Path, config: RuntimeConfig):
         self.model_dir = Path(model_dir)
@@ -89,12 +98,17 @@ class ModelRunner:
         self.config = ModelConfig.from_dir(self.model_dir)
         self.dtype = config.model_dtype(self.config.torch_dtype)
         self.kv_dtype = config.cache_dtype(self.dtype)
-        self.context_length = config.context_length or self.config.max_position_embeddings
+        self.model_class = model_class_for(self.config, config.is_embedding)
+        # An encoder's position table bounds its length (XLM-R numbers tokens from pad_token_id + 1).
+        max_context = getattr(self.model_class, "context_length", lambda c: c.max_position_embeddings)
+        self.context_length = config.context_length or max_context(self.config)
         inv_freq, attention_factor = rope_inverse_frequencies(self.config.head_dim, self.config.rope_theta,
                                                               self.config.rope_scaling)
         self._rope_frequencies = (np.asarray(inv_freq), attention_factor)
-        self.model_class = model_class_for(self.config)
         self.task = self.model_class.task
+        self.is_encoder = hasattr(self.model_class, "encode")  # no paged cache: `_encode_step`
+        # (method, normalize) of a pooled model, from its checkpoint (model.decoder_pooling.pooling_for).
+        self.pooling = None if self.task == "generate" else pooling_for(self.model_class, self.model_dir)
         self._abstract = self._abstract_model(self.config)
         self.attention = resolve_attention_backend(
             config.attention_backend, head_dim=self.config.head_dim, page_size=config.page_size,
@@ -138,7 +152,7 @@ class ModelRunner:
         )
 
     def _abstract_model(self, config: ModelConfig):
-        cls = model_class_for(config)
+        cls = model_class_for(config, self.runtime.is_embedding)
         options = {"moe_backend": self.runtime.moe_backend} if getattr(cls, "takes_moe_backend", False) else {}
         return nnx.eval_shape(lambda: cls(config, dtype=self.dtype, rngs=nnx.Rngs(0), **options))
 
@@ -221,14 +235,29 @@ class ModelRunner:
             self.aux_sink(self.last_aux, host)
         return np.asarray(tokens)[: len(host.kv_lens)]
 
-    def run_pool(self, host: HostBatch, *, method: str = "last", normalize: bool = False) -> np.ndarray:
-        """Run one pooling step (every sequence whole in it); returns float32 `[num_seqs, dim]`."""
+    def run_pool(self, host: HostBatch, *, method: str | None = None, normalize: bool | None = None) -> np.ndarray:
+        """Run one pooling step (every sequence whole in it); returns float32 `[num_seqs, dim]`. The
+        method and normalisation default to the served model's (`self.pooling`)."""
+        default_method, default_normalize = self.pooling or ("last", False)
+        method = default_method if method is None else method
+        normalize = default_normalize if normalize is None else normalize
+        pooled = self._run_pooled(self._padded(host), len(host.input_ids), host.q_lens, method, normalize)
+        return np.asarray(pooled)[: len(host.kv_lens)]
+
+    def _run_pooled(self, batch: StepBatch, num_tokens: int, q_lens: np.ndarray, method: str, normalize: bool):
         key = (method, normalize)
         if key not in self._pool_steps:
-            step = partial(_pool_step, *self._pool_static, method, normalize)
-            self._pool_steps[key] = jax.jit(step, donate_argnums=() if self.attention.head_major else (1,))
-        pooled = self._run(self._pool_steps[key], self._padded(host), len(host.input_ids))
-        return np.asarray(pooled)[: len(host.kv_lens)]
+            if self.is_encoder:
+                step = jax.jit(partial(_encode_step, *self._pool_static, method, normalize))
+            else:
+                step = jax.jit(partial(_pool_step, *self._pool_static, method, normalize),
+                               donate_argnums=() if self.attention.head_major else (1,))
+            self._pool_steps[key] = step
+        if not self.is_encoder:
+            return self._run(self._pool_steps[key], batch, num_tokens)
+        segment_ids = np.full(len(batch.inputs.input_ids), -1, np.int32)  # padding rows: -1
+        segment_ids[:num_tokens] = np.repeat(np.arange(len(q_lens), dtype=np.int32), q_lens)
+        return self._pool_steps[key](self._param_leaves, batch, segment_ids)
 
     def _run(self, step, batch: StepBatch, num_tokens: int):
         result, kv, aux = step(self._param_leaves, self.kv_pages, batch)
@@ -239,13 +268,17 @@ class ModelRunner:
         return result
 
     def precompile(self, progress: bool = True) -> float:
-        """Compile (and run once, on an all-padding batch that writes nothing) every bucket of the sampling
-        step (every registered model generates; the pooling step compiles on first use)."""
+        """Compile (and run once, on an all-padding batch that writes nothing) every bucket of the model's
+        step: the sampling step, or for a pooled model the pooling step with its own method."""
         start = time.perf_counter()
         empty = HostBatch(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32), [],
                           np.zeros(0, np.int32), {})
         for tokens, seqs in tqdm(self.buckets(), desc="Compiling step buckets", disable=not progress):
-            jax.block_until_ready(self._run(self._step, self._pad(empty, tokens, seqs), 0))
+            if self.pooling is not None:
+                jax.block_until_ready(self._run_pooled(self._pad(empty, tokens, seqs), 0, empty.q_lens,
+                                                       *self.pooling))
+            else:
+                jax.block_until_ready(self._run(self._step, self._pad(empty, tokens, seqs), 0))
         return time.perf_counter() - start
 
     def reset_kv_cache(self) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 from serving.config import RuntimeConfig
 from serving.prefix_cache import PrefixCache
 from serving.protocol import FinishReason
-from serving.request import Request
+from serving.request import Request, Task
 from serving.runner import HostBatch
 from serving.sampler import MAX_BANNED_IDS
 from serving.scheduler_log import SchedulerLog
@@ -128,7 +128,10 @@ class Scheduler:
         if not batch:
             return False
         try:
-            tokens = self.runner.run(self._host_batch(batch))
+            # A pooled model's step returns one vector per sequence instead of a token (a server runs
+            # one task, so a batch never mixes them).
+            run = self.runner.run if batch[0][0].task is Task.GENERATE else self.runner.run_pool
+            tokens = run(self._host_batch(batch))
         except Exception as exc:  # a failed step must not take the server down
             logger.exception("step failed")
             for request, _ in batch:
@@ -234,10 +237,15 @@ class Scheduler:
 
     def _admit(self, request: Request, budget: int) -> int:
         """Match its prefix and give it pages for a first chunk; 0 (and no side effect) if it can't."""
-        tokens = request.tokens(0, request.total_len)
-        handle = self.cache.acquire_prefix(tokens)
+        # A pooled request runs its whole prompt in one step from position 0 (mean / cls pooling and
+        # encoders see every row; nothing is reused from the cache), beyond the chunk size if need be;
+        # the engine refuses prompts longer than a step.
+        whole = request.task is not Task.GENERATE
+        if whole and request.total_len > budget:
+            return 0
+        handle = self.cache.acquire_prefix([] if whole else request.tokens(0, request.total_len))
         start = handle.num_tokens
-        chunk = min(request.total_len - start, budget, self.chunk_size)
+        chunk = request.total_len if whole else min(request.total_len - start, budget, self.chunk_size)
         # Keep a page per running request in reserve so admitting does not force immediate retraction.
         reserve = len(self.running)
         need = -(-(start + chunk) // self.page_size) - len(handle.pages)
@@ -314,6 +322,8 @@ class Scheduler:
             if request.num_computed < request.total_len:
                 continue  # a prefill chunk that does not reach the end of the prompt yet
             if request.prefill_only:
+                if request.task is not Task.GENERATE:
+                    request.pooled = token  # the step's vector for this sequence
                 request.finish(FinishReason.max_length(0))
             else:
                 request.append_token(token)

@@ -50,7 +50,6 @@ _ONE_DEVICE = "one device per server for now"
 # nothing, which is exactly what the server does today; anything else asks for a feature that is not
 # there, so start-up refuses it rather than silently ignoring it.
 NOT_SUPPORTED_YET: dict[str, tuple[Any, str]] = {
-    "is_embedding": (False, "generation models only for now"),
     "enable_metrics": (False, "there is no /metrics endpoint yet"),
     "enable_cache_report": (False, "the OpenAI completion routes that report cached tokens are not served yet"),
     "watchdog_timeout": (300.0, "there is no forward-step watchdog yet"),
@@ -97,8 +96,9 @@ class ServerArgs:
         None, "Hugging Face revision (branch, tag or commit) of a hub-id --model-path, picked from the local "
         "cache; omitted = refs/main. Ignored for a local directory.", type=str)
     context_length: int | None = _arg(None, "Max context length; omitted = the model config's.", type=int)
-    is_embedding: bool = _arg(False, "Serve the model as an embedding / reward / cross-encoder model: not "
-                              "supported yet.")
+    is_embedding: bool = _arg(False, "Serve a causal LM checkpoint as an embedding model (/encode, "
+                              "/v1/embeddings); sequence-classification (reward) and cross-encoder "
+                              "checkpoints are served as such whether or not it is given.")
     served_model_name: str | None = _arg(
         None, "Name reported by /v1/models and /get_model_info; omitted = the model path.", type=str)
     weight_version: str = _arg("default", "Initial weight version string.", type=str)

@@ -50,16 +50,41 @@ def write_tokenizer(out: Path, vocab_size: int = 384) -> None:
     }))
 
 
+def write_pair_tokenizer(out: Path, vocab_size: int = 384) -> None:
+    """An XLM-R-style tokenizer: <s>=0, <pad>=1, </s>=2, and RoBERTa's pair template `<s> a </s></s> b </s>`."""
+    from tokenizers import ByteLevelBPETokenizer, processors
+
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(CORPUS * 4, vocab_size=vocab_size, min_frequency=1,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>"])
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "pad_token": "<pad>", "model_max_length": 256,
+    }))
+
+
 def make_tiny_checkpoint(out: Path, arch: str = "llama", **overrides) -> Path:
-    """A random-weight HF checkpoint (float32) of `arch` with the test tokenizer, in `out`."""
+    """A random-weight HF checkpoint (float32) of `arch` with the test tokenizer, in `out`. Besides the
+    causal LMs: "llama-reward" / "qwen2-reward" (sequence classification, one label) and "xlm-roberta"
+    (a cross-encoder, one label, with a pair tokenizer)."""
     import torch
     import transformers
 
     out.mkdir(parents=True, exist_ok=True)
-    write_tokenizer(out)
     common = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   eos_token_id=0, bos_token_id=None, pad_token_id=None)
+    if arch == "xlm-roberta":
+        write_pair_tokenizer(out)
+        common.update(max_position_embeddings=130, bos_token_id=0, pad_token_id=1, eos_token_id=2,
+                      type_vocab_size=1, num_labels=1)
+        del common["num_key_value_heads"]
+    else:
+        write_tokenizer(out)
+    if arch.endswith("-reward"):
+        common.update(num_labels=1)
     common.update(overrides)
     classes = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
@@ -68,6 +93,9 @@ def make_tiny_checkpoint(out: Path, arch: str = "llama", **overrides) -> Path:
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
         "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
+        "llama-reward": (transformers.LlamaConfig, transformers.LlamaForSequenceClassification),
+        "qwen2-reward": (transformers.Qwen2Config, transformers.Qwen2ForSequenceClassification),
+        "xlm-roberta": (transformers.XLMRobertaConfig, transformers.XLMRobertaForSequenceClassification),
     }
     if arch.endswith("_moe"):  # 8 experts, 2 per token; Qwen2-MoE adds its shared expert
         common = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
@@ -81,7 +109,7 @@ def make_tiny_checkpoint(out: Path, arch: str = "llama", **overrides) -> Path:
         for name, param in model.named_parameters():
             if name.endswith("bias"):  # transformers zero-inits biases; make them matter
                 param.normal_(0, 0.5)
-            elif "norm" in name:
+            elif "norm" in name.lower():
                 param.uniform_(0.5, 1.5)
             else:
                 param.normal_(0, 0.3)  # large enough that greedy decoding is not a constant loop

@@ -62,6 +62,13 @@ class FakeRunner:
             out.append(token)
         return np.asarray(out, np.int32)
 
+    def run_pool(self, host) -> np.ndarray:
+        """A pooled step: each sequence's vector is (its length, its first token, its last token)."""
+        self.run(host)
+        ends = np.cumsum(host.q_lens)
+        return np.stack([host.q_lens, host.input_ids[ends - host.q_lens], host.input_ids[ends - 1]], 1).astype(
+            np.float32)
+
 
 def reference(prompt: list[int], n: int, model=context_model) -> list[int]:
     tokens = list(prompt)
@@ -259,6 +266,19 @@ def test_prefill_only_requests_finish_after_their_prompt():
     drive(scheduler)
     assert embed.output_ids == [] and embed.finish_reason == FinishReason.max_length(0)
     assert cache.peek_prefix_len(embed_ids) == 0  # other tasks never insert their KV
+    # A pooled prompt runs whole in one step (beyond the chunk size of 8) and gets its step's vector.
+    assert runner.batches[-1].q_lens.tolist() == [21] and embed.pooled == [21, embed_ids[0], embed_ids[-1]]
+    check_pages(cache)
+
+
+def test_pooled_prompts_wait_for_a_step_that_holds_them_whole():
+    scheduler, runner, cache = make_scheduler(step_tokens=24, chunk=8)
+    requests = [make_request(f"e{i}", prompt(n, 70 + i), 0, task=Task.EMBED) for i, n in enumerate((10, 20, 4))]
+    for r in requests:
+        scheduler.submit(r)
+    drive(scheduler)
+    assert [b.q_lens.tolist() for b in runner.batches] == [[10], [20, 4]]  # 10 + 20 > 24: the second waits
+    assert [r.pooled[0] for r in requests] == [10, 20, 4]
     check_pages(cache)
 
 

@@ -109,7 +109,6 @@ NOT_YET_FLAGS = [
     (["--ep", "8"], "ep_size", 8),
     (["--ep-size", "2"], "ep_size", 2),
     (["--watchdog-timeout", "10.5"], "watchdog_timeout", 10.5),
-    (["--is-embedding"], "is_embedding", True),
     (["--enable-metrics"], "enable_metrics", True),
     (["--enable-cache-report"], "enable_cache_report", True),
     (["--sampling-defaults", "openai"], "sampling_defaults", "openai"),

@@ -15,7 +15,7 @@ from sanic import response as sanic_response
 from sanic.exceptions import MethodNotAllowed, NotFound
 
 from serving.engine import Engine
-from serving.http import experts, native, openai
+from serving.http import experts, native, openai, pooling
 from serving.http.envelopes import BadBody, dumps, schema_error
 
 logger = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ def create_app(engine: Engine) -> Sanic:
         return schema_error(str(exc))
 
     native.register(app, engine)
+    pooling.register(app, engine)
     openai.register(app, engine)
     experts.register(app, engine)
 
@@ -68,7 +69,7 @@ def create_app(engine: Engine) -> Sanic:
             if args.skip_tokenizer_init:
                 body = {"input_ids": [10, 11, 12], "sampling_params": params}
             try:
-                await engine.generate_request(engine.parse(body))
+                await engine.probe(body)
             except Exception:
                 logger.exception("warm-up request failed")
                 app.ctx.status = "UnHealthy"

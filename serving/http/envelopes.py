@@ -46,3 +46,10 @@ def schema_error(message: str):
     return sanic_response.json(
         {"object": "error", "message": message, "type": "Bad Request", "param": None, "code": 400}, status=400
     )
+
+
+def openai_error(message: str, status: int = 400, err_type: str = "BadRequestError"):
+    """Case D: the OpenAI-style routes' envelope, top level (not wrapped in "error")."""
+    return sanic_response.json(
+        {"object": "error", "message": message, "type": err_type, "param": None, "code": status}, status=status
+    )

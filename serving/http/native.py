@@ -80,7 +80,7 @@ def register(app: Sanic, engine: Engine) -> None:
         body = {"input_ids": [0], "sampling_params": {"max_new_tokens": 1, "temperature": 0},
                 "rid": f"HEALTH_CHECK_{time.time()}_{uuid.uuid4().hex[:8]}"}
         try:
-            await asyncio.wait_for(engine.generate_request(engine.parse(body)), HEALTH_CHECK_TIMEOUT)
+            await asyncio.wait_for(engine.probe(body), HEALTH_CHECK_TIMEOUT)
             return True
         except (TimeoutError, RequestError):
             return False

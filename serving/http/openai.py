@@ -1,5 +1,6 @@
-"""The OpenAI-compatible routes (contract section 7): today the model list. /v1/completions,
-/v1/chat/completions and the other /v1 routes go here."""
+"""The OpenAI-compatible routes (contract section 7): the model list; /v1/embeddings and /v1/rerank
+(contract 4.3 / 4.5, pooled models). /v1/completions, /v1/chat/completions and the other /v1 routes go
+here."""
 
 from __future__ import annotations
 
@@ -11,6 +12,14 @@ from sanic import Request, Sanic
 from sanic import response as sanic_response
 
 from serving.engine import Engine
+from serving.http.envelopes import openai_error, read_json, schema_error
+from serving.protocol import RequestError, SchemaError
+from serving.protocol.pooling import (
+    embeddings_response,
+    parse_embeddings_request,
+    parse_rerank_request,
+    rerank_response,
+)
 
 
 def register(app: Sanic, engine: Engine) -> None:
@@ -32,3 +41,26 @@ def register(app: Sanic, engine: Engine) -> None:
                 "message": f"The model '{model_id}' does not exist", "type": "invalid_request_error",
                 "param": "model", "code": "model_not_found"}}, status=404)
         return sanic_response.json(model_card(engine.served_model_name))
+
+    # -- pooled models: validation failures of the body's shape in case B, the rest in case D ----------
+    def pooled_error(exc: RequestError):
+        return schema_error(str(exc)) if isinstance(exc, SchemaError) else openai_error(str(exc), exc.status_code)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        try:
+            normalized = parse_embeddings_request(read_json(request))
+            outputs = await engine.encode(normalized)
+        except RequestError as exc:
+            return pooled_error(exc)
+        return sanic_response.json(embeddings_response(normalized, outputs, engine.model_path))
+
+    @app.route("/v1/rerank", methods=["POST", "PUT"])
+    async def rerank(request: Request):
+        start = time.perf_counter()
+        try:
+            rerank_request = parse_rerank_request(read_json(request))
+            outputs = await engine.encode(rerank_request.encode_request())
+        except RequestError as exc:
+            return pooled_error(exc)
+        return sanic_response.json(rerank_response(rerank_request, outputs, engine.weight_version, start))

@@ -89,6 +89,7 @@ class Output:
     completion_tokens: int
     cached_tokens: int
     retractions: int
+    embedding: list[float] | None = None  # a pooled request's vector (embedding or scores)
 
     @property
     def finished(self) -> bool:

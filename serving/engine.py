@@ -151,8 +151,8 @@ class Engine:
                       prefill_only: bool = False, task: Task = Task.GENERATE) -> Request:
         """Tokenize and check one item against the model's limits (RequestError -> HTTP 400)."""
         if task is not self.task:
-            raise RequestError(f"This server runs a {self.task.value} model; {task.value} requests are not "
-                               "supported by it.")
+            raise RequestError(f"This server's model serves {self.task.value} requests; {task.value} requests are "
+                               "not supported by it.")
         sp = item.sampling
         input_ids = list(item.input_ids) if item.input_ids is not None else self.tokenizer.encode(item.text)
         n = len(input_ids)

@@ -65,8 +65,8 @@ def _filter(logits, batch: SamplingBatch):
     probs = jax.nn.softmax(jnp.where(in_top_k, sorted_logits, -jnp.inf), axis=-1)
     cumulative = jnp.cumsum(probs, axis=-1)
     # Keep the smallest prefix whose mass reaches top_p: a token is dropped when the mass before it
-    # already does.
-    keep_sorted = (cumulative - probs) < batch.top_p[:, None]
+    # already does. top_p = 1 keeps everything: in float32 the running sum reaches 1 before the tail does.
+    keep_sorted = ((cumulative - probs) < batch.top_p[:, None]) | (batch.top_p[:, None] >= 1.0)
     keep_sorted &= (probs >= batch.min_p[:, None] * probs[:, :1]) & in_top_k
     count = jnp.maximum(keep_sorted.sum(axis=-1), 1)
     threshold = jnp.take_along_axis(sorted_logits, (count - 1)[:, None], axis=-1)

@@ -33,7 +33,7 @@ def kept_tokens(logits, temperature, top_k, top_p, min_p):
     order = order[:k]
     p = probs[order] / probs[order].sum()
     before = np.cumsum(p) - p
-    keep = (before < top_p) & (p >= min_p * p[0])
+    keep = ((before < top_p) | (top_p >= 1.0)) & (p >= min_p * p[0])  # top_p = 1: no top-p filter at all
     keep[0] = True
     ids = order[keep]
     return ids, probs[ids] / probs[ids].sum()

@@ -56,11 +56,21 @@ class LlamaAttention(nnx.Module):
 
 
 class LlamaDecoderLayer(nnx.Module):
+    """Pre-norm attention, then a pre-norm feed-forward block. A family with another feed-forward (the MoE
+    layers) subclasses it and overrides `make_mlp` / `feed_forward`."""
+
     def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
         self.self_attn = LlamaAttention(config, dtype=dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, dtype=dtype, rngs=rngs)
+        self.mlp = self.make_mlp(config, dtype=dtype, rngs=rngs)
+
+    def make_mlp(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs) -> nnx.Module:
+        return GatedMLP(config.hidden_size, config.intermediate_size, dtype=dtype, rngs=rngs)
+
+    def feed_forward(self, x, inputs: StepInputs):
+        """-> `(out, aux)`: the block's output and its auxiliary outputs (none for a dense MLP)."""
+        return self.mlp(x), {}
 
     def fuse_projections(self) -> None:
         self.self_attn.fuse_projections()
@@ -69,8 +79,8 @@ class LlamaDecoderLayer(nnx.Module):
     def __call__(self, x, inputs: StepInputs, kv_pages, layer, backend, layout, sliding_window=None):
         h, kv = self.self_attn(self.input_layernorm(x), inputs, kv_pages, layer, backend, layout, sliding_window)
         x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, kv, {}
+        out, aux = self.feed_forward(self.post_attention_layernorm(x), inputs)
+        return x + out, kv, aux
 
 
 class LlamaForCausalLM(DecoderModel):

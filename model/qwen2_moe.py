@@ -25,8 +25,8 @@ from kernels.moe import combine, grouped_matmul, select_experts, sort_by_expert
 from model.config import ConfigError, ModelConfig
 from model.decoder import DecoderModel
 from model.interface import StepInputs
-from model.layers import Dense, GatedMLP, RMSNorm
-from model.llama import LlamaAttention
+from model.layers import Dense, GatedMLP
+from model.llama import LlamaDecoderLayer
 
 
 class StackedKernel(nnx.Module):
@@ -113,24 +113,16 @@ class SparseMoeBlock(nnx.Module):
         return out, aux
 
 
-class Qwen2MoeDecoderLayer(nnx.Module):
-    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
-        self.self_attn = LlamaAttention(config, dtype=dtype, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
-        self.mlp = SparseMoeBlock(config, dtype=dtype, rngs=rngs)
+class Qwen2MoeDecoderLayer(LlamaDecoderLayer):
+    """Llama's layer with the sparse MoE block as its feed-forward."""
 
-    def fuse_projections(self) -> None:
-        self.self_attn.fuse_projections()
-        self.mlp.fuse_projections()
+    def make_mlp(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs) -> nnx.Module:
+        return SparseMoeBlock(config, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, inputs: StepInputs, kv_pages, layer, backend, layout, sliding_window=None):
-        h, kv = self.self_attn(self.input_layernorm(x), inputs, kv_pages, layer, backend, layout, sliding_window)
-        x = x + h
+    def feed_forward(self, x, inputs: StepInputs):
         # Rows past the step's last token are padding (the runner pads T to a bucket).
         valid = jnp.arange(x.shape[0], dtype=jnp.int32) < inputs.meta.cu_q_lens[inputs.meta.num_seqs[0]]
-        out, aux = self.mlp(self.post_attention_layernorm(x), valid)
-        return x + out, kv, aux
+        return self.mlp(x, valid)
 
 
 QWEN_MOE_MAP = WeightNameMap(

@@ -180,3 +180,16 @@ def _snapshot_with_config(repo_dir: Path) -> Path | None:
         return None
     complete = [s for s in snapshots.iterdir() if (s / "config.json").is_file()]
     return max(complete, key=lambda s: s.stat().st_mtime) if complete else None
+
+
+def resolve_model_dir(model_path: str | None, *, revision: str | None = None, load_format: str = "auto") -> Path:
+    """`--model-path` (with `--revision` / `--load-format`) -> a Hugging Face directory; None = the bundled
+    default model."""
+    if model_path is None:
+        from checkpoints.default import default_model_dir
+
+        return default_model_dir()
+    resolved = resolve_model_path(model_path, load_format=load_format, revision=revision)
+    if resolved.kind != "hf":
+        raise ValueError(f"{model_path}: {resolved.kind} checkpoints need a config; serve a Hugging Face directory")
+    return resolved.path

@@ -18,6 +18,7 @@ Nothing else asks `jax.default_backend()` for a default.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -86,3 +87,11 @@ def resolve_runtime_config(args: ServerArgs, platform: str | None = None) -> Run
         moe_backend=args.moe_backend, expert_recorder_mode=args.expert_distribution_recorder_mode,
         is_embedding=args.is_embedding,
     )
+
+
+def enable_compilation_cache(directory: str) -> None:
+    """JAX's persistent compilation cache in `directory`, for every compile (a second start is fast)."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import queue
 import random
 import threading
@@ -21,10 +20,9 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-import jax
-
+from checkpoints.resolve import resolve_model_dir
 from serving import expert_stats
-from serving.config import resolve_runtime_config
+from serving.config import enable_compilation_cache, resolve_runtime_config
 from serving.pooled_requests import probe_request, run_pooled
 from serving.prefix_cache import PrefixCache
 from serving.protocol import (
@@ -41,31 +39,10 @@ from serving.request import Request, Task
 from serving.runner import ModelRunner
 from serving.scheduler import Scheduler
 from serving.server_args import ServerArgs
+from serving.server_info import server_info
 from serving.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
-
-
-def enable_compilation_cache(directory: str) -> None:
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
-def resolve_model_dir(model_path: str | None, *, revision: str | None = None, load_format: str = "auto") -> Path:
-    """`--model-path` (with `--revision` / `--load-format`) -> a Hugging Face directory; None = the bundled
-    default model."""
-    if model_path is None:
-        from checkpoints.default import default_model_dir
-
-        return default_model_dir()
-    from checkpoints.resolve import resolve_model_path
-
-    resolved = resolve_model_path(model_path, load_format=load_format, revision=revision)
-    if resolved.kind != "hf":
-        raise ValueError(f"{model_path}: {resolved.kind} checkpoints need a config; serve a Hugging Face directory")
-    return resolved.path
 
 
 class Engine:
@@ -404,27 +381,4 @@ class Engine:
         return self.page_counts_future().result()
 
     def server_info(self, page_counts: dict[str, int] | None = None) -> dict[str, Any]:
-        args = self.server_args.to_dict()
-        # The implementation that runs (after resolution and any fallback), not the flag echoed back.
-        args.update(attention_backend=self.runner.attention.label, model_path=self.model_path, tokenizer_path=self.tokenizer_path,
-                    max_running_requests=self.max_running_requests,
-                    chunked_prefill_size=self.server_args.chunked_prefill_size or self.chunked_prefill_size,
-                    context_length=self.context_length)
-        memory = {"weight": self.runner.weight_bytes / 2**30, "kvcache": self.runner.kv_spec.total_bytes / 2**30,
-                  "token_capacity": self.max_total_num_tokens, "graph": 0.0}
-        return {
-            **args, "status": "ready", "max_total_num_tokens": self.max_total_num_tokens,
-            "max_req_input_len": self.max_req_input_len,
-            "internal_states": [{**args, "last_gen_throughput": self.scheduler.last_gen_throughput,
-                                 "memory_usage": memory, "kv_pages": page_counts}],
-            "version": _version(), "jax_backend": jax.default_backend(), "pid": os.getpid(),
-        }
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("pallas-serve")
-    except PackageNotFoundError:
-        return "0.0.0"
+        return server_info(self, page_counts)

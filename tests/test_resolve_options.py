@@ -48,7 +48,7 @@ def test_revision_picks_a_branch_tag_or_commit(hub):
     assert resolve_model_path("Org/Tiny", revision="v1.0").path == tagged
     assert resolve_model_path("org/tiny", revision="cccc3333").path == old
     # What the engine serves for `--model-path org/tiny --revision v1.0`.
-    from serving.engine import resolve_model_dir
+    from checkpoints.resolve import resolve_model_dir
 
     assert resolve_model_dir("org/tiny", revision="v1.0") == tagged
     assert resolve_model_dir("org/tiny") == main

@@ -183,9 +183,11 @@ class Engine:
 
     def _claim_rids(self, rids: list[str]) -> None:
         with self._live_rids_lock:
-            for rid in rids:
-                if rid in self._live_rids:
+            seen: set[str] = set()
+            for rid in rids:  # already in flight, or twice in this call (a pooled batch's rid list)
+                if rid in self._live_rids or rid in seen:
                     raise RequestError(f"Duplicate request ID detected: {rid}")
+                seen.add(rid)
             self._live_rids.update(rids)
 
     def _release_rids(self, rids: list[str]) -> None:

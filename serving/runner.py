@@ -249,9 +249,9 @@ class ModelRunner:
         if key not in self._pool_steps:
             if self.is_encoder:
                 step = jax.jit(partial(_encode_step, *self._pool_static, method, normalize))
-            else:
-                step = jax.jit(partial(_pool_step, *self._pool_static, method, normalize),
-                               donate_argnums=() if self.attention.head_major else (1,))
+            else:  # the same aux filtering as the sampling step: only what the recorder asks leaves the device
+                step = jax.jit(partial(_keep_aux, partial(_pool_step, *self._pool_static, method, normalize),
+                                       self.aux_names), donate_argnums=() if self.attention.head_major else (1,))
             self._pool_steps[key] = step
         if not self.is_encoder:
             return self._run(self._pool_steps[key], batch, num_tokens)

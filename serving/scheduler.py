@@ -29,7 +29,7 @@ from serving.config import RuntimeConfig
 from serving.prefix_cache import PrefixCache
 from serving.protocol import FinishReason
 from serving.request import Request, Task
-from serving.runner import HostBatch
+from serving.runner import HostBatch, next_pow2
 from serving.sampler import MAX_BANNED_IDS
 from serving.scheduler_log import SchedulerLog
 
@@ -298,7 +298,7 @@ class Scheduler:
         # As wide as the longest list (every stop id stays banned until min_new_tokens is reached),
         # rounded up to a power of two so only a few shapes ever compile beyond the precompiled one.
         longest = max((len(b) for b in bans), default=0)
-        banned = np.full((len(batch), max(MAX_BANNED_IDS, 1 << max(longest - 1, 0).bit_length())), -1, np.int32)
+        banned = np.full((len(batch), max(MAX_BANNED_IDS, next_pow2(longest))), -1, np.int32)
         for i, (r, n) in enumerate(batch):
             ids.extend(r.tokens(r.num_computed, r.num_computed + n))
             positions.extend(range(r.num_computed, r.num_computed + n))

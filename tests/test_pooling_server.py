@@ -99,6 +99,7 @@ def test_v1_embeddings_shape_usage_and_base64(embed_server, embed_dir, one_torch
     ("/encode", {"model": "x"}, "At least one of text, input_ids, or image should be provided"),
     ("/encode", {"text": [["what?", "a document"]]}, "This model is not a cross-encoder"),
     ("/v1/rerank", {"query": "q", "documents": ["d"]}, "This model is not a cross-encoder"),
+    ("/encode", {"text": ["a", "b"], "rid": ["x", "x"]}, "Duplicate request ID detected: x"),
 ])
 def test_bad_input_is_400_and_the_server_keeps_serving(embed_server, path, body, message):
     response = embed_server.post(path, json=body)

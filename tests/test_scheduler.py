@@ -120,6 +120,15 @@ def check_pages(cache):
     assert cache.num_free + cache.num_evictable + cache.num_locked == cache.num_total
 
 
+def assert_still_serves(scheduler, cache, ids, max_new):
+    """After a failure, a new request runs to the reference tokens and leaves the pages consistent."""
+    after = make_request("after", ids, max_new)
+    scheduler.submit(after)
+    drive(scheduler)
+    assert after.output_ids == reference(ids, max_new)
+    check_pages(cache)
+
+
 def prompt(n, seed):
     return np.random.default_rng(seed).integers(10, VOCAB, size=n).tolist()
 
@@ -197,11 +206,7 @@ def test_a_request_the_cache_can_never_hold_is_a_400_abort():
         "err_type": "BadRequest"}
     assert outputs[-1].finished and len(too_long.output_ids) == 32 - 10 + 1  # KV for 32 tokens, the 33rd sampled
     check_pages(cache)
-    after = make_request("after", prompt(5, 7), 3)
-    scheduler.submit(after)
-    drive(scheduler)
-    assert after.output_ids == reference(after.input_ids, 3)
-    check_pages(cache)
+    assert_still_serves(scheduler, cache, prompt(5, 7), 3)
 
 
 def test_a_failing_step_aborts_its_requests_and_the_scheduler_keeps_serving():
@@ -216,11 +221,7 @@ def test_a_failing_step_aborts_its_requests_and_the_scheduler_keeps_serving():
                                              "status_code": 500, "err_type": "InternalServerError"}
         assert len(r.output_ids) == 2
     check_pages(cache)
-    fine = make_request("fine", prompt(6, 22), 4)
-    scheduler.submit(fine)
-    drive(scheduler)
-    assert fine.output_ids == reference(fine.input_ids, 4)
-    check_pages(cache)
+    assert_still_serves(scheduler, cache, prompt(6, 22), 4)
 
 
 def test_finish_by_length_stop_id_and_stop_string():

@@ -38,6 +38,11 @@ def pytest_report_header(config):
     return f"CHECKPOINT_SEED={CHECKPOINT_SEED} (tiny checkpoints' random weights; set it to replay a run)"
 
 
+def pytest_terminal_summary(terminalreporter):
+    # Again at the end: `pytest -q` (what `make test` runs) shows no header, and a failure needs the seed.
+    terminalreporter.write_line(f"CHECKPOINT_SEED={CHECKPOINT_SEED} (set it to replay this run's checkpoints)")
+
+
 def write_tokenizer(out: Path, vocab_size: int = 384) -> None:
     from tokenizers import ByteLevelBPETokenizer
 

@@ -22,6 +22,7 @@ from model.config import ModelConfig
 from model.interface import AttentionMetadata, StepInputs
 from model.registry import model_class_for
 from tests.conftest import ServerProcess, make_tiny_checkpoint, replayable_seed
+from tests.hf_reference import assert_greedy
 
 VARIANTS = {
     "llama-linear": ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
@@ -90,12 +91,6 @@ def test_logits_match_transformers_through_the_default_attention(variant, one_to
             assert rel < 1e-4, f"{name} ({backend.label}) prompt {i} at {len(ids)} tokens: relative error {rel}"
 
 
-def _greedy(hf, ids, n):
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(ids):].tolist()
-
-
 def test_greedy_tokens_match_transformers_through_the_engine(variant, one_torch_thread):
     from serving.engine import Engine
 
@@ -108,7 +103,7 @@ def test_greedy_tokens_match_transformers_through_the_engine(variant, one_torch_
         outs = engine.generate(input_ids=prompts, sampling_params={"temperature": 0, "max_new_tokens": 24,
                                                                    "ignore_eos": True})
         for prompt, out in zip(prompts, outs, strict=True):
-            assert out["output_ids"] == _greedy(hf, prompt, 24), name
+            assert_greedy(hf, prompt, out["output_ids"], 24, label=name)
     finally:
         engine.shutdown()
 
@@ -132,6 +127,6 @@ def test_through_the_server_with_default_flags(tmp_path, one_torch_thread, name)
         out = server.post("/generate", json={"input_ids": prompts, "sampling_params": {
             "temperature": 0, "max_new_tokens": 20, "ignore_eos": True}}).json()
         for prompt, result in zip(prompts, out, strict=True):
-            assert result["output_ids"] == _greedy(hf, prompt, 20)
+            assert_greedy(hf, prompt, result["output_ids"], 20, label=name)
     finally:
         assert server.stop() == 0

@@ -18,6 +18,7 @@ from model.config import ModelConfig
 from model.interface import AttentionMetadata, StepInputs
 from model.registry import model_class_for
 from tests.conftest import make_tiny_checkpoint, replayable_seed
+from tests.hf_reference import assert_greedy
 
 ARCHS = {
     "llama": {},
@@ -96,10 +97,7 @@ def test_greedy_decoding_through_engine_matches_transformers(checkpoint, attenti
         outs = engine.generate(input_ids=prompts, sampling_params={
             "temperature": 0, "max_new_tokens": 32, "ignore_eos": True})
         for prompt, out in zip(prompts, outs, strict=True):
-            with torch.no_grad():
-                expected = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
-                                       eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-            assert out["output_ids"] == expected, arch
+            assert_greedy(hf, prompt, out["output_ids"], 32, label=arch)
             assert out["meta_info"]["finish_reason"] == {"type": "length", "length": 32}
         # Only the served model's task is reachable: an embed request of a causal LM is refused.
         assert engine.task is Task.GENERATE and engine.model_info()["is_generation"] is True

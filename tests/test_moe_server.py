@@ -12,6 +12,7 @@ import torch
 import transformers
 
 from tests.conftest import ServerProcess, make_tiny_checkpoint
+from tests.hf_reference import assert_greedy
 
 NEW_TOKENS = 32
 FLAGS = ("--page-size", "4", "--max-total-tokens", "2048", "--max-running-requests", "4",
@@ -81,10 +82,7 @@ def test_greedy_parity_and_exact_expert_counts(moe_server):
     expected = np.zeros((num_layers, num_experts), np.int64)
     choices = []
     for prompt, out in zip(prompts, outputs, strict=True):
-        with torch.no_grad():
-            reference = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                                    eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-        assert out == reference
+        assert_greedy(hf, prompt, out, NEW_TOKENS)
         # Every prompt token and every generated token but the last went through the model once.
         ids = hf_router_choices(hf, prompt + out[:-1])
         choices.append(ids)

@@ -14,6 +14,7 @@ import torch
 import transformers
 
 from tests.conftest import ServerProcess, make_tiny_checkpoint, replayable_seed
+from tests.hf_reference import assert_greedy
 
 SERVER_FLAGS = ("--page-size", "4", "--max-total-tokens", "4096", "--max-running-requests", "8",
                 "--chunked-prefill-size", "32", "--random-seed", "0")
@@ -37,13 +38,6 @@ def hf_model(tiny_llama_dir):
 @pytest.fixture(scope="module")
 def hf_tokenizer(tiny_llama_dir):
     return transformers.PreTrainedTokenizerFast(tokenizer_file=str(tiny_llama_dir / "tokenizer.json"))
-
-
-def greedy(hf_model, ids, n):
-    with torch.no_grad():
-        out = hf_model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None,
-                                pad_token_id=0)
-    return out[0, len(ids):].tolist()
 
 
 _RNG = None
@@ -109,9 +103,8 @@ def test_greedy_text_matches_transformers(server, hf_model, hf_tokenizer):
     out = server.post("/generate", json={"text": prompt, "sampling_params": {
         "temperature": 0, "max_new_tokens": 24, "ignore_eos": True}}).json()
     ids = hf_tokenizer(prompt)["input_ids"]
-    expected = greedy(hf_model, ids, 24)
-    assert out["output_ids"] == expected
-    assert out["text"] == hf_tokenizer.decode(expected, skip_special_tokens=True)
+    assert_greedy(hf_model, ids, out["output_ids"], 24)
+    assert out["text"] == hf_tokenizer.decode(out["output_ids"], skip_special_tokens=True)
     meta = out["meta_info"]
     assert meta["prompt_tokens"] == len(ids) and meta["completion_tokens"] == 24
     assert meta["finish_reason"] == {"type": "length", "length": 24}
@@ -197,7 +190,8 @@ def test_batch_and_parallel_samples(server, hf_model):
     out = server.post("/generate", json={"input_ids": prompts, "rid": "batch", "sampling_params": {
         "temperature": 0, "max_new_tokens": 6, "ignore_eos": True}}).json()
     assert [o["meta_info"]["id"] for o in out] == ["batch_0", "batch_1"]
-    assert [o["output_ids"] for o in out] == [greedy(hf_model, p, 6) for p in prompts]
+    for prompt, o in zip(prompts, out, strict=True):
+        assert_greedy(hf_model, prompt, o["output_ids"], 6)
     samples = server.post("/generate", json={"text": "Once upon a time", "sampling_params": {
         "n": 3, "temperature": 1.0, "max_new_tokens": 5, "ignore_eos": True}}).json()
     assert isinstance(samples, list) and len(samples) == 3
@@ -215,7 +209,9 @@ def test_seeded_sampling_is_reproducible(server):
 
 def test_stop_strings_and_stop_token_ids(server, hf_model, hf_tokenizer):
     ids = hf_tokenizer("Hello world")["input_ids"]
-    expected = greedy(hf_model, ids, 16)
+    expected = server.post("/generate", json={"input_ids": ids, "sampling_params": {
+        "temperature": 0, "max_new_tokens": 16, "ignore_eos": True}}).json()["output_ids"]
+    assert_greedy(hf_model, ids, expected, 16)
     stop_id = expected[5]
     out = server.post("/generate", json={"input_ids": ids, "sampling_params": {
         "temperature": 0, "max_new_tokens": 16, "stop_token_ids": [stop_id]}}).json()
@@ -351,11 +347,11 @@ def test_update_weights_from_disk(server, tiny_llama_dir, tmp_path, hf_model):
     assert swapped.json()["message"] == "Succeeded to update model weights. Weight version updated to v2."
     out = server.post("/generate", json=body).json()
     other_hf = transformers.AutoModelForCausalLM.from_pretrained(other, dtype=torch.float32).eval()
-    assert out["output_ids"] == greedy(other_hf, ids, 8)
+    assert_greedy(other_hf, ids, out["output_ids"], 8)
     assert out["meta_info"]["weight_version"] == "v2"
     assert server.get("/get_model_info").json()["model_path"] == str(other)
     assert server.get("/v1/models").json()["data"][0]["id"] == str(other)
 
     back = server.post("/update_weights_from_disk", json={"model_path": str(tiny_llama_dir), "weight_version": "default"})
     assert back.json()["success"] is True
-    assert server.post("/generate", json=body).json()["output_ids"] == greedy(hf_model, ids, 8)
+    assert_greedy(hf_model, ids, server.post("/generate", json=body).json()["output_ids"], 8)

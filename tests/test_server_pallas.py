@@ -8,6 +8,7 @@ import torch
 import transformers
 
 from tests.conftest import ServerProcess, make_tiny_checkpoint, replayable_seed
+from tests.hf_reference import assert_greedy
 
 
 def test_pallas_attention_backend_through_the_server(tmp_path):
@@ -23,10 +24,7 @@ def test_pallas_attention_backend_through_the_server(tmp_path):
             "temperature": 0, "max_new_tokens": 6, "ignore_eos": True}}).json()
         hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         for ids, result in zip(prompts, out, strict=True):
-            with torch.no_grad():
-                expected = hf.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=None,
-                                       pad_token_id=0)[0, len(ids):].tolist()
-            assert result["output_ids"] == expected
+            assert_greedy(hf, ids, result["output_ids"], 6)
         # What runs, not the flag: on CPU `pallas` is the GPU (Triton) kernel in interpret mode.
         assert server.get("/get_server_info").json()["attention_backend"] == "pallas_gpu_interpret"
     finally:

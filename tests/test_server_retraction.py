@@ -11,6 +11,7 @@ import torch
 import transformers
 
 from tests.conftest import ServerProcess, replayable_seed
+from tests.hf_reference import assert_greedy
 
 NEW_TOKENS = 24
 
@@ -39,10 +40,7 @@ def test_64_concurrent_requests_with_retraction(small_cache_server, tiny_llama_d
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     for ids, out in zip(prompts, results, strict=True):
-        with torch.no_grad():
-            expected = hf.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                                   eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
-        assert out["output_ids"] == expected
+        assert_greedy(hf, ids, out["output_ids"], NEW_TOKENS)
         assert out["meta_info"]["finish_reason"] == {"type": "length", "length": NEW_TOKENS}
     assert sum(out["meta_info"]["total_retractions"] for out in results) > 0, "the cache never ran out"
     pages = small_cache_server.get("/get_server_info").json()["internal_states"][0]["kv_pages"]

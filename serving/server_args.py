@@ -51,9 +51,7 @@ _ONE_DEVICE = "one device per server for now"
 # there, so start-up refuses it rather than silently ignoring it.
 NOT_SUPPORTED_YET: dict[str, tuple[Any, str]] = {
     "enable_metrics": (False, "there is no /metrics endpoint yet"),
-    "enable_cache_report": (False, "the OpenAI completion routes that report cached tokens are not served yet"),
     "watchdog_timeout": (300.0, "there is no forward-step watchdog yet"),
-    "sampling_defaults": ("model", "the OpenAI chat route it applies to is not served yet"),
     "tp_size": (1, _ONE_DEVICE),
     "dp_size": (1, _ONE_DEVICE),
     "ep_size": (1, _ONE_DEVICE),
@@ -120,7 +118,7 @@ class ServerArgs:
     skip_server_warmup: bool = _arg(False, "Mark the server ready without the warm-up request.")
     enable_metrics: bool = _arg(False, "Prometheus metrics on /metrics: not supported yet.")
     enable_cache_report: bool = _arg(
-        False, "Cached prompt tokens in OpenAI responses: not supported yet (no OpenAI completion routes).")
+        False, "Report cached prompt tokens in OpenAI responses (usage.prompt_tokens_details.cached_tokens).")
     watchdog_timeout: float = _arg(
         300.0, "Forward-step watchdog timeout in seconds: not supported yet (accepted at 300).", type=float)
 
@@ -147,8 +145,12 @@ class ServerArgs:
         None, "JSON object merged under every /generate request's sampling_params (request keys win).",
         type=str)
     sampling_defaults: str = _arg(
-        "model", "Sampling defaults of OpenAI chat completions: not supported yet (no chat route; accepted "
-        "at 'model').", type=str, choices=SAMPLING_DEFAULTS_CHOICES)
+        "model", "Defaults of /v1/chat/completions for temperature, top_p, top_k, min_p and repetition_penalty "
+        "a request leaves null: model (the checkpoint's generation_config.json, then OpenAI's) or openai.",
+        type=str, choices=SAMPLING_DEFAULTS_CHOICES)
+    chat_template: str | None = _arg(
+        None, "Chat template of /v1/chat/completions: a Jinja file or an inline Jinja template; omitted = the "
+        "tokenizer's (tokenizer_config.json, or a GGUF's tokenizer.chat_template).", type=str)
     stream_interval: int = _arg(1, "Tokens per streamed chunk.", type=int)
     stream_output: bool = _arg(False, "Stream only the output_ids new since the previous chunk.")
     allow_auto_truncate: bool = _arg(False, "Truncate over-long prompts instead of answering 400.")
@@ -234,6 +236,7 @@ class ServerArgs:
                              f"{', '.join(LOAD_FORMAT_CHOICES)}.")
         check_load_format(self.model_path, self.load_format)
         self._refuse_features_not_there_yet()
+        self._check_chat_template()
         self._preferred = self._parse_preferred_sampling_params()
         if self.compilation_cache_dir is None:
             self.compilation_cache_dir = default_compilation_cache_dir()
@@ -248,6 +251,15 @@ class ServerArgs:
             flag = "--" + name.replace("_", "-")
             shown = flag if isinstance(value, bool) else f"{flag} {value}"
             raise ValueError(f"{shown} is not supported yet ({reason}).")
+
+    def _check_chat_template(self) -> None:
+        """A path that is not a file and text that is no Jinja template are both typos: say so at startup.
+        SGLang also takes the names of its built-in templates; we have none."""
+        value = self.chat_template
+        if value is None or os.path.isfile(os.path.expanduser(value)) or "{{" in value or "{%" in value:
+            return
+        raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template; SGLang's named "
+                         "chat templates are not supported yet.")
 
     def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
         value = getattr(self, name)

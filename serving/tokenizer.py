@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
+
+from serving.chat_template import ChatTemplate, select_template
+
+# transformers' SPECIAL_TOKENS_ATTRIBUTES: what a chat template may read as a variable.
+_SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 def _token_text(value) -> str | None:
@@ -31,8 +34,9 @@ class Tokenizer:
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token = _token_text(self.config.get("eos_token"))
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
-        self.chat_template = self.config.get("chat_template")
-        self._template = None
+        self.chat_template = select_template(self.config.get("chat_template"))
+        self.special_tokens_map = {name: _token_text(self.config.get(name)) for name in _SPECIAL_TOKEN_NAMES}
+        self._template: ChatTemplate | None = None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
@@ -47,22 +51,19 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 
+    def set_chat_template(self, source: str) -> None:
+        """Replace the tokenizer's template (`--chat-template`); compiled now, so a bad one fails at startup."""
+        self.chat_template = source
+        self._template = ChatTemplate(source, self.special_tokens_map)
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """The rendered prompt text, as transformers renders it (serving/chat_template.py). ValueError
+        when there is no template or it refuses the messages."""
         if not self.chat_template:
-            raise ValueError("This model's tokenizer has no chat template")
+            raise ValueError("This model's tokenizer has no chat template; start the server with --chat-template.")
         if self._template is None:
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=[jinja2.ext.loopcontrols])
-
-            def raise_exception(message):
-                raise ValueError(message)
-
-            env.globals["raise_exception"] = raise_exception
-            self._template = env.from_string(self.chat_template)
-        return self._template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs,
-        )
+            self._template = ChatTemplate(self.chat_template, self.special_tokens_map)
+        return self._template.render(messages, add_generation_prompt=add_generation_prompt, **kwargs)
 
 
 class IncrementalDetokenizer:

@@ -31,7 +31,7 @@ def test_defaults_follow_sglang(monkeypatch):
         "load_format": "auto", "enable_metrics": False, "watchdog_timeout": 300, "tp_size": 1, "dp_size": 1,
         "ep_size": 1, "trust_remote_code": False, "revision": None, "expert_distribution_recorder_mode": None,
         "expert_distribution_recorder_buffer_size": None, "enable_cache_report": False,
-        "sampling_defaults": "model", "precompile": True,
+        "sampling_defaults": "model", "chat_template": None, "precompile": True,
         "compilation_cache_dir": "/tmp/xdg-test/pallas-serve/jax-compile-cache",
         "disable_compilation_cache": False,
     }
@@ -93,6 +93,9 @@ def test_notebook_launch_command_parses():
         (["--moe-backend", "reference"], "moe_backend", "reference"),
         (["--expert-distribution-recorder-mode", "per_token"], "expert_distribution_recorder_mode", "per_token"),
         (["--expert-distribution-recorder-buffer-size", "-1"], "expert_distribution_recorder_buffer_size", -1),
+        (["--enable-cache-report"], "enable_cache_report", True),
+        (["--sampling-defaults", "openai"], "sampling_defaults", "openai"),
+        (["--chat-template", "{{ messages[0]['content'] }}"], "chat_template", "{{ messages[0]['content'] }}"),
     ],
 )
 def test_flags(argv, field, value):
@@ -110,8 +113,6 @@ NOT_YET_FLAGS = [
     (["--ep-size", "2"], "ep_size", 2),
     (["--watchdog-timeout", "10.5"], "watchdog_timeout", 10.5),
     (["--enable-metrics"], "enable_metrics", True),
-    (["--enable-cache-report"], "enable_cache_report", True),
-    (["--sampling-defaults", "openai"], "sampling_defaults", "openai"),
 ]
 
 
@@ -244,6 +245,8 @@ def test_preferred_sampling_params_parsed():
         ({"moe_backend": "x"}, "moe_backend must be one of auto, pallas, reference; got 'x'."),
         ({"log_level": "verbose"}, "log_level must be one of debug, info, warning, error, critical; got 'verbose'."),
         ({"sampling_defaults": "x"}, "sampling_defaults must be one of model, openai; got 'x'."),
+        ({"chat_template": "chatml"}, "--chat-template 'chatml' is neither a file nor a Jinja template; SGLang's "
+         "named chat templates are not supported yet."),
         ({"expert_distribution_recorder_mode": "stat_approx"},
          "expert_distribution_recorder_mode must be one of stat, per_pass, per_token; got 'stat_approx'."),
         ({"expert_distribution_recorder_buffer_size": 0},

@@ -1,6 +1,6 @@
 """The OpenAI-compatible routes (contract section 7): the model list; /v1/embeddings and /v1/rerank
-(contract 4.3 / 4.5, pooled models). /v1/completions, /v1/chat/completions and the other /v1 routes go
-here."""
+(contract 4.3 / 4.5, pooled models); and, registered from their own modules, /v1/completions and
+/v1/chat/completions (openai_generation.py) and /tokenize, /detokenize with their /v1/ twins (tokenize.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from sanic import Request, Sanic
 from sanic import response as sanic_response
 
 from serving.engine import Engine
+from serving.http import openai_generation, tokenize
 from serving.http.envelopes import openai_error, read_json, schema_error
 from serving.protocol import RequestError, SchemaError
 from serving.protocol.pooling import (
@@ -23,6 +24,9 @@ from serving.protocol.pooling import (
 
 
 def register(app: Sanic, engine: Engine) -> None:
+    openai_generation.register(app, engine)
+    tokenize.register(app, engine)
+
     def model_card(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "pallas-serve",
                 "root": name, "parent": None, "max_model_len": engine.context_length}

@@ -73,6 +73,18 @@ def test_server_answers_the_chat_question(server, default_dir):
     assert 0 < body["meta_info"]["completion_tokens"] <= NEW_TOKENS
 
 
+def test_openai_chat_answers_the_question(server):
+    """The same question through /v1/chat/completions with the official client: the GGUF's own chat
+    template (tokenizer.chat_template) renders it, greedy, the answer names Paris."""
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    chat = client.chat.completions.create(model="default", temperature=0, max_tokens=NEW_TOKENS,
+                                          messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in chat.choices[0].message.content, chat
+    assert chat.usage.completion_tokens <= NEW_TOKENS
+
+
 def test_model_info_names_the_default_model(server, default_dir):
     info = server.get("/get_model_info").json()
     assert info["model_path"] == str(default_dir)

@@ -77,12 +77,17 @@ def test_completion_logprobs_match_transformers(client, server, hf_model, hf_tok
     for i, token in enumerate(output):
         assert abs(lp.token_logprobs[i] - rows[i][token]) < LOGPROB_TOLERANCE
         assert lp.tokens[i] == hf_tokenizer.decode([token])
-        top = sorted(lp.top_logprobs[i].values(), reverse=True)
-        assert len(top) <= 3 and abs(top[0] - rows[i].max()) < LOGPROB_TOLERANCE
+        # Keyed by token text as in OpenAI's shape: two ids with one text (say two halves of a character)
+        # keep one entry, so each value is one of the top 3, not necessarily all of them.
+        best = np.sort(rows[i])[-3:]
+        assert 1 <= len(lp.top_logprobs[i]) <= 3
+        assert all(np.abs(best - v).min() < LOGPROB_TOLERANCE for v in lp.top_logprobs[i].values())
     streamed = list(client.completions.create(model="t", prompt=prompt, max_tokens=6, temperature=0, logprobs=3,
                                               stream=True))
-    assert [x for c in streamed for x in (c.choices[0].logprobs.token_logprobs if c.choices[0].logprobs else [])
-            ] == lp.token_logprobs
+    # Each chunk carries its new tokens' entries only; together, the whole list (up to float32 noise: a
+    # stream's steps batch differently).
+    deltas = [x for c in streamed for x in (c.choices[0].logprobs.token_logprobs if c.choices[0].logprobs else [])]
+    assert np.allclose(deltas, lp.token_logprobs, atol=LOGPROB_TOLERANCE, rtol=0)
 
 
 def test_echo_logprobs_include_the_prompt(client, rng):

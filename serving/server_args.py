@@ -256,6 +256,8 @@ class ServerArgs:
         """A path that is not a file and text that is no Jinja template are both typos: say so at startup.
         SGLang also takes the names of its built-in templates; we have none."""
         value = self.chat_template
+        if value is not None and self.skip_tokenizer_init:
+            raise ValueError("--chat-template needs a tokenizer; it cannot be combined with --skip-tokenizer-init.")
         if value is None or os.path.isfile(os.path.expanduser(value)) or "{{" in value or "{%" in value:
             return
         raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template; SGLang's named "

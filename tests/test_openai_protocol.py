@@ -11,7 +11,11 @@ import transformers
 
 from serving.chat_template import ChatTemplateError, select_template
 from serving.protocol import RequestError, SchemaError, parse_generate_request
-from serving.protocol.openai_requests import parse_chat_request, parse_completion_request
+from serving.protocol.openai_requests import (
+    model_sampling_defaults,
+    parse_chat_request,
+    parse_completion_request,
+)
 from serving.protocol.openai_responses import OpenAIFormatter
 from serving.tokenizer import Tokenizer
 from tests.conftest import replayable_seed, write_tokenizer
@@ -159,6 +163,15 @@ def test_chat_refusals(body, message):
     # tools with tool_choice "none" are ignored, as SGLang does (the template does not see them either)
     parse_chat_request({"messages": [{"role": "user", "content": "x"}], "tool_choice": "none",
                         "tools": [{"type": "function", "function": {"name": "f"}}]}, chat_template=None, model_defaults={})
+
+
+def test_model_sampling_defaults():
+    config = {"temperature": 0.6, "top_p": 0.9, "top_k": 0, "do_sample": True, "max_new_tokens": 5, "min_p": None}
+    assert model_sampling_defaults(config) == {"temperature": 0.6, "top_p": 0.9, "top_k": -1}
+    parsed = parse_chat_request({"messages": [{"role": "user", "content": "x"}], "temperature": 0.1},
+                                chat_template=None, model_defaults=model_sampling_defaults(config))
+    assert parsed.generate_body["sampling_params"] == {"temperature": 0.1, "top_p": 0.9, "top_k": -1, "n": 1,
+                                                       "max_new_tokens": None}
 
 
 def _item(rid, text, ids, reason, prompt_tokens=4, cached=0, logprobs=None, tops=None):

@@ -247,6 +247,8 @@ def test_preferred_sampling_params_parsed():
         ({"sampling_defaults": "x"}, "sampling_defaults must be one of model, openai; got 'x'."),
         ({"chat_template": "chatml"}, "--chat-template 'chatml' is neither a file nor a Jinja template; SGLang's "
          "named chat templates are not supported yet."),
+        ({"chat_template": "{{ x }}", "skip_tokenizer_init": True},
+         "--chat-template needs a tokenizer; it cannot be combined with --skip-tokenizer-init."),
         ({"expert_distribution_recorder_mode": "stat_approx"},
          "expert_distribution_recorder_mode must be one of stat, per_pass, per_token; got 'stat_approx'."),
         ({"expert_distribution_recorder_buffer_size": 0},

@@ -22,8 +22,8 @@ from serving.engine import Engine
 from serving.http.envelopes import dumps, http_exception, openai_error, read_json, schema_error
 from serving.protocol import NormalizedGenerate, RequestError, SchemaError
 from serving.protocol.openai_requests import (
-    MODEL_DEFAULT_FIELDS,
     OpenAIGenerate,
+    model_sampling_defaults,
     parse_chat_request,
     parse_completion_request,
 )
@@ -47,8 +47,7 @@ def check_json_content_type(request: Request) -> None:
 def generation_defaults(model_dir: Path) -> dict[str, Any]:
     """The checkpoint's sampling defaults (generation_config.json), for `--sampling-defaults model`."""
     path = model_dir / "generation_config.json"
-    config = json.loads(path.read_text()) if path.exists() else {}
-    return {key: config[key] for key in MODEL_DEFAULT_FIELDS if config.get(key) is not None}
+    return model_sampling_defaults(json.loads(path.read_text()) if path.exists() else {})
 
 
 def register(app: Sanic, engine: Engine) -> None:

@@ -62,6 +62,15 @@ class OpenAIGenerate:
     template_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+def model_sampling_defaults(generation_config: Mapping[str, Any]) -> dict[str, Any]:
+    """What `--sampling-defaults model` fills into a chat request's null sampling fields: the checkpoint's
+    generation_config.json values. transformers' `top_k: 0` means no limit, which SGLang spells -1."""
+    defaults = {key: generation_config[key] for key in MODEL_DEFAULT_FIELDS if generation_config.get(key) is not None}
+    if defaults.get("top_k") == 0:
+        defaults["top_k"] = -1
+    return defaults
+
+
 def _get(body: Mapping[str, Any], name: str, kind: str, default: Any = None) -> Any:
     """One optional field; null means the default. kind: bool, int, number, str, object, list."""
     value = body.get(name)

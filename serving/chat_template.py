@@ -90,10 +90,11 @@ class ChatTemplate:
     def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
                tools: list[dict] | None = None, **kwargs: Any) -> str:
         """The prompt text; `kwargs` (chat_template_kwargs) override the special tokens, as in transformers.
-        A template error (e.g. `raise_exception("roles must alternate")`) becomes a ChatTemplateError."""
+        Whatever a template raises on these messages (`raise_exception("roles must alternate")`, an
+        undefined field, `"text" + None`) becomes a ChatTemplateError: the client's messages caused it."""
         variables = {**self.special_tokens, **kwargs}
         try:
             return self._template.render(messages=messages, tools=tools, documents=None,
                                          add_generation_prompt=add_generation_prompt, **variables)
-        except jinja2.exceptions.TemplateError as exc:
+        except Exception as exc:  # noqa: BLE001 - a template is user code; any failure is a 400
             raise ChatTemplateError(f"The chat template failed to render these messages: {exc}") from None

@@ -79,6 +79,9 @@ def test_chat_template_refusals_are_value_errors(tokenizer_dir):
     ours.set_chat_template(STRICT_TEMPLATE)
     with pytest.raises(ChatTemplateError, match="Conversation roles must alternate"):
         ours.apply_chat_template([{"role": "assistant", "content": "x"}])
+    ours.set_chat_template(SMOLLM_TEMPLATE)
+    with pytest.raises(ChatTemplateError, match="failed to render"):  # no content: '...' + undefined
+        ours.apply_chat_template([{"role": "user"}])
     with pytest.raises(ChatTemplateError, match="does not compile"):
         ours.set_chat_template("{% for m in messages %}")
     assert select_template([{"name": "default", "template": "a"}, {"name": "tool_use", "template": "b"}]) == "a"

@@ -17,6 +17,9 @@ model name):
   `sglang:token_usage`, `sglang:max_total_num_tokens`, `sglang:num_retracted_reqs` (waiting requests
   that were retracted at least once), `sglang:gen_throughput` (tokens generated in the last 5 s / 5 s).
 
+The per-request series leave out the server's own warm-up and health probes (serving/observers.py);
+the per-step ones see every step, the warm-up's included, as the steps are shared.
+
 Each server has its own `CollectorRegistry`, so several engines in one process (tests, notebooks) do
 not collide. Nothing here touches the device; a step costs one histogram update, not one per request.
 """

@@ -6,6 +6,7 @@ limit (413), `--max-queued-requests` (503) with `/get_load` during it, `--prefer
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 
@@ -21,7 +22,7 @@ PREFERRED = {"max_new_tokens": 5, "temperature": 0, "ignore_eos": True}
 FLAGS = ("--page-size", "4", "--max-total-tokens", "2048", "--chunked-prefill-size", "32", "--random-seed", "0",
          "--api-key", KEY, "--max-request-body-size", str(BODY_LIMIT), "--max-running-requests", "1",
          "--max-queued-requests", "1", "--preferred-sampling-params", json.dumps(PREFERRED), "--log-requests",
-         "--log-requests-level", "1")
+         "--log-requests-level", "1", "--request-read-timeout", "2")
 UNAUTHORIZED = {"error": "Unauthorized"}
 
 
@@ -80,6 +81,26 @@ def test_oversize_body_is_413_and_the_server_keeps_serving(server):
     assert r.status_code == 413 and r.json()["code"] == 413
     ok = generate(server, {"input_ids": [5, 6, 7]})
     assert ok.status_code == 200 and len(ok.json()["output_ids"]) == PREFERRED["max_new_tokens"]
+
+
+STALLED = {
+    "headers": b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Le",
+    "body": b"POST /generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+            + b"\r\nContent-Length: 100\r\n\r\n{\"input",
+}
+
+
+@pytest.mark.parametrize("part", list(STALLED))
+def test_a_client_that_never_finishes_sending_gets_408(server, part):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        sock.sendall(STALLED[part])
+        reply = b""
+        while chunk := sock.recv(4096):  # the server answers and closes once --request-read-timeout passes
+            reply += chunk
+    head, _, payload = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), reply
+    assert json.loads(payload)["message"] == "The request was not received within 2.0 s (--request-read-timeout)."
+    assert generate(server, {"input_ids": [5, 6]}).status_code == 200
 
 
 def test_preferred_sampling_params_under_the_request(server):

@@ -14,13 +14,14 @@ As SGLang (contract 1.2, 1.3):
   `Access-Control-Allow-Credentials: true`.
 
 Our own bounds, which SGLang leaves to uvicorn: a body over `--max-request-body-size` is 413 and a
-client that takes longer than `--request-read-timeout` to send its request gets 408, both in FastAPI's
-HTTPException envelope; idle keep-alive connections close after `--keep-alive-timeout` (uvicorn's 5 s).
+client that takes longer than `--request-read-timeout` to send its headers, or again as long for its
+body, gets 408, both in FastAPI's HTTPException envelope; idle keep-alive connections close after `--keep-alive-timeout` (uvicorn's 5 s).
 Nothing limits how long a response takes: a generation runs as long as it needs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 
@@ -34,12 +35,30 @@ from serving.server_args import ServerArgs
 logger = logging.getLogger("serving.requests")
 
 OPEN_PATH_PREFIXES = ("/health", "/metrics")
+# The method of the stand-in request Sanic builds to answer a request it could not read (408, 400, 413
+# before the headers were complete): that answer must not turn into a 401. No route answers it.
+UNREAD_REQUEST_METHOD = "NONE"
 CORS_METHODS = "DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT"  # Starlette's list for allow_methods=["*"]
 CORS_MAX_AGE = "600"
 
 
+class BoundedRequest(Request):
+    """Sanic's request, whose body must arrive within REQUEST_TIMEOUT (`--request-read-timeout`).
+
+    Sanic's own REQUEST_TIMEOUT stops at the end of the headers; the body is read once routing is done,
+    under RESPONSE_TIMEOUT, which is infinite here so that generations are never cut short. Without this
+    a client trickling its body would hold a connection (and its bytes) forever."""
+
+    async def receive_body(self) -> None:
+        try:
+            await asyncio.wait_for(super().receive_body(), self.app.config.REQUEST_TIMEOUT)
+        except TimeoutError:
+            raise RequestTimeout("Request Timeout") from None
+
+
 def install(app: Sanic, args: ServerArgs) -> None:
-    """Limits, timeouts and the access middleware, installed before any route."""
+    """Limits, timeouts and the access middleware, installed before any route (the app is built with
+    `request_class=BoundedRequest`)."""
     app.config.REQUEST_MAX_SIZE = args.max_request_body_size
     app.config.REQUEST_TIMEOUT = args.request_read_timeout
     app.config.KEEP_ALIVE_TIMEOUT = args.keep_alive_timeout
@@ -52,7 +71,7 @@ def install(app: Sanic, args: ServerArgs) -> None:
     async def check_access(request: Request):
         if request.method == "OPTIONS":
             return _preflight(request)
-        if expected is None or request.path.startswith(OPEN_PATH_PREFIXES):
+        if expected is None or request.method == UNREAD_REQUEST_METHOD or request.path.startswith(OPEN_PATH_PREFIXES):
             return None
         given = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
         if not hmac.compare_digest(given, expected):
@@ -80,6 +99,8 @@ def install(app: Sanic, args: ServerArgs) -> None:
 
     @app.exception(RequestTimeout)
     async def read_timeout(request: Request, exc: Exception):
+        if request.stream is not None:  # the rest of a late body may still come: close, do not reuse
+            request.stream.keep_alive = False
         return http_exception(f"The request was not received within {args.request_read_timeout} s "
                               "(--request-read-timeout).", 408)
 

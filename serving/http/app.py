@@ -26,7 +26,7 @@ WARMUP_PROMPT = "The capital city of France is"
 
 def create_app(engine: Engine) -> Sanic:
     args = engine.server_args
-    app = Sanic("pallas_serve", dumps=dumps, configure_logging=False)
+    app = Sanic("pallas_serve", dumps=dumps, configure_logging=False, request_class=access.BoundedRequest)
     app.ctx.status = "Starting"
     access.install(app, args)
 

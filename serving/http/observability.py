@@ -2,7 +2,7 @@
 
 The OpenAPI document is built from Sanic's route table when it is asked for, so every route any module
 registers is in it with the methods it really answers, and nothing can drift: one operation per route
-and method, its summary the first line of the handler's docstring (or the handler's name), path
+and method, its summary the path in words and its description the handler's docstring, path
 parameters from the route's `<name:type>` segments, and a request body of "any JSON object" for POST
 and PUT (no route declares a schema). `DISABLE_OPENAPI_DOC` in the environment turns it off, as in
 SGLang.
@@ -52,10 +52,13 @@ def openapi_document(app: Sanic) -> dict[str, Any]:
                   for name in _PARAM.findall(route.path)]
         for method in sorted(set(route.methods) & set(_DOCUMENTED_METHODS)):
             operation: dict[str, Any] = {
-                "summary": _summary(route.handler),
+                "summary": _summary(path),
                 "operationId": f"{route.name.rsplit('.', 1)[-1]}_{method.lower()}",
                 "responses": {"200": {"description": "Successful Response"}},
             }
+            doc = (route.handler.__doc__ or "").strip()
+            if doc:
+                operation["description"] = doc
             if params:
                 operation["parameters"] = params
             if method in _BODY_METHODS:
@@ -66,8 +69,7 @@ def openapi_document(app: Sanic) -> dict[str, Any]:
             "paths": dict(sorted(paths.items()))}
 
 
-def _summary(handler: Any) -> str:
-    doc = (getattr(handler, "__doc__", None) or "").strip()
-    if doc:
-        return doc.splitlines()[0].strip()
-    return getattr(handler, "__name__", "handler").replace("_", " ").strip().capitalize()
+def _summary(path: str) -> str:
+    """The path in words (`/get_load` -> "Get load"): handlers' docstrings say why, not what."""
+    words = re.sub(r"[/_]+", " ", path).strip()
+    return words[:1].upper() + words[1:] if words else "Root"

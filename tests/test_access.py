@@ -22,7 +22,8 @@ PREFERRED = {"max_new_tokens": 5, "temperature": 0, "ignore_eos": True}
 FLAGS = ("--page-size", "4", "--max-total-tokens", "2048", "--chunked-prefill-size", "32", "--random-seed", "0",
          "--api-key", KEY, "--max-request-body-size", str(BODY_LIMIT), "--max-running-requests", "1",
          "--max-queued-requests", "1", "--preferred-sampling-params", json.dumps(PREFERRED), "--log-requests",
-         "--log-requests-level", "1", "--request-read-timeout", "2")
+         "--log-requests-level", "1", "--request-read-timeout", "2",
+         "--keep-alive-timeout", "1")
 UNAUTHORIZED = {"error": "Unauthorized"}
 
 
@@ -101,6 +102,15 @@ def test_a_client_that_never_finishes_sending_gets_408(server, part):
     assert head.startswith(b"HTTP/1.1 408"), reply
     assert json.loads(payload)["message"] == "The request was not received within 2.0 s (--request-read-timeout)."
     assert generate(server, {"input_ids": [5, 6]}).status_code == 200
+
+
+def test_idle_keep_alive_connection_is_closed(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        sock.sendall(b"GET /get_load HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n\r\n")
+        reply = b""
+        while chunk := sock.recv(4096):  # ends when the server closes the idle connection (or times out)
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200") and b"keep-alive" in reply.lower()
 
 
 def test_preferred_sampling_params_under_the_request(server):

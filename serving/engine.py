@@ -23,8 +23,7 @@ from typing import Any
 from checkpoints.resolve import resolve_model_dir
 from serving import expert_stats
 from serving.config import enable_compilation_cache, resolve_runtime_config
-from serving.metrics import ServerMetrics
-from serving.observers import RequestLog, internal_requests, observed_emit
+from serving.observers import finish_observers, internal_requests, observed_emit
 from serving.pooled_requests import probe_request, run_pooled
 from serving.prefix_cache import PrefixCache
 from serving.protocol import (
@@ -87,11 +86,8 @@ class Engine:
             logger.info("Compiled %d step buckets in %.1f s", len(self.runner.buckets()), seconds)
         self.expert_recorder = self._expert_recorder(args)
         self.scheduler = Scheduler(self.runner, self.prefix_cache, self.runtime)
-        self.metrics = ServerMetrics(self.served_model_name, self.max_total_num_tokens) if args.enable_metrics else None
+        self.metrics, self.finish_observers = finish_observers(args, self.served_model_name, self.max_total_num_tokens)
         self.scheduler.metrics = self.metrics
-        self.finish_observers = [self.metrics] if self.metrics else []
-        if args.log_requests:
-            self.finish_observers.append(RequestLog(args.log_requests_level))
         self.scheduler.start()
 
     def _expert_recorder(self, args: ServerArgs) -> expert_stats.ExpertDistributionRecorder | None:

@@ -18,10 +18,12 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Protocol
 
+from serving.metrics import ServerMetrics
 from serving.protocol import Output
 
 if TYPE_CHECKING:
     from serving.request import Request
+    from serving.server_args import ServerArgs
 
 logger = logging.getLogger("serving.requests")
 
@@ -31,6 +33,16 @@ _INTERNAL = contextvars.ContextVar("pallas_serve_internal_request", default=Fals
 
 class FinishObserver(Protocol):
     def finished(self, request: Request, out: Output) -> None: ...
+
+
+def finish_observers(args: ServerArgs, model_name: str,
+                     max_total_tokens: int) -> tuple[ServerMetrics | None, list[FinishObserver]]:
+    """The metrics (None without --enable-metrics) and every observer the flags ask for."""
+    metrics = ServerMetrics(model_name, max_total_tokens) if args.enable_metrics else None
+    observers: list[FinishObserver] = [metrics] if metrics is not None else []
+    if args.log_requests:
+        observers.append(RequestLog(args.log_requests_level))
+    return metrics, observers
 
 
 @contextlib.contextmanager

@@ -5,14 +5,20 @@ SGLang's buckets, gauges follow the load, and the server's health probes are not
 
 from __future__ import annotations
 
+import logging
+import random
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.metrics import E2E_BUCKETS, ITL_BUCKETS, QUEUE_BUCKETS, TTFT_BUCKETS
-from tests.conftest import ServerProcess
+from serving.metrics import E2E_BUCKETS, ITL_BUCKETS, QUEUE_BUCKETS, TTFT_BUCKETS, ServerMetrics
+from serving.observers import RequestLog
+from serving.protocol import FinishReason, Output, SamplingParams
+from serving.request import Task
+from tests.conftest import ServerProcess, replayable_seed
 
 MODEL_NAME = "tiny-metrics"
 KEY = "sk-metrics"
@@ -134,3 +140,42 @@ def test_health_probes_are_not_counted(server):
     after = scrape(server)
     assert value(after, "sglang:num_requests_total") == value(before, "sglang:num_requests_total")
     assert value(after, "sglang:prompt_tokens_total") == value(before, "sglang:prompt_tokens_total")
+
+
+# -- in process: the weighted observation and the request log ------------------------------------------
+def test_weighted_inter_token_observation_equals_repeated_observes():
+    seed = replayable_seed("METRICS_TEST_SEED")
+    rng = random.Random(seed)
+    weighted, repeated = ServerMetrics("m", 64), ServerMetrics("m", 64)
+    for _ in range(50):
+        interval, count = rng.uniform(0, 10) ** 3 / 100, rng.randint(1, 64)
+        weighted._observe_many(weighted.itl, interval, count)
+        for _ in range(count):
+            repeated.itl.observe(interval)
+
+    def samples(metrics):
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in metrics.registry.collect() for s in family.samples
+                if family.name == "sglang:inter_token_latency_seconds" and not s.name.endswith("_created")}
+
+    got, want = samples(weighted), samples(repeated)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=1e-9), key
+
+
+@pytest.mark.parametrize("level", [0, 1, 2, 3])
+def test_request_log_levels(level, caplog):
+    sampling = SamplingParams.from_dict({"max_new_tokens": 7, "temperature": 0.5})
+    request = SimpleNamespace(rid="r1", task=Task.GENERATE, created=time.monotonic(), sampling=sampling,
+                              input_ids=list(range(1000)))
+    out = Output(rid="r1", index=0, text="x" * 3000, output_ids=[1] * 7, finish_reason=FinishReason.max_length(7),
+                 prompt_tokens=1000, completion_tokens=7, cached_tokens=0, retractions=0)
+    with caplog.at_level(logging.INFO, logger="serving.requests"):
+        RequestLog(level).finished(request, out)
+    line = caplog.records[-1].getMessage()
+    assert line.startswith("Finish: rid=r1 task=generate prompt_tokens=1000 completion_tokens=7 cached_tokens=0 ")
+    assert ("'max_new_tokens': 7" in line) == (level >= 1)
+    assert ("input_ids=[0, 1, 2" in line) == (level >= 2)
+    assert ("... (3002 characters)" in line) == (level == 2)  # repr() of the text adds the quotes
+    assert ("x" * 3000 in line) == (level == 3)

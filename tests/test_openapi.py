@@ -55,6 +55,18 @@ def test_every_route_in_the_table_is_documented(app):
             assert operation["summary"] and operation["responses"]
 
 
+def test_disable_openapi_doc(monkeypatch, app):
+    Sanic.unregister_app(app)  # one app of that name at a time; the fixture's is registered again below
+    monkeypatch.setenv("DISABLE_OPENAPI_DOC", "1")
+    without = create_app(SimpleNamespace(server_args=ServerArgs()))
+    try:
+        paths = {"/" + route.path for route in without.router.routes}
+        assert "/openapi.json" not in paths and "/metrics" not in paths and "/generate" in paths
+    finally:
+        Sanic.unregister_app(without)
+        Sanic.register_app(app)
+
+
 def test_served_document_matches_the_route_table(server, app):
     served = server.get("/openapi.json")
     assert served.status_code == 200

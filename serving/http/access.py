@@ -66,6 +66,8 @@ def install(app: Sanic, args: ServerArgs) -> None:
     # default, or $SANIC_RESPONSE_TIMEOUT): a generation may take as long as it needs, as in SGLang.
     app.config.RESPONSE_TIMEOUT = float("inf")
     expected = None if args.api_key is None else f"Bearer {args.api_key}".encode()
+    if args.log_requests:
+        logger.setLevel(logging.INFO)  # asked for by name: shown whatever --log-level says
 
     @app.on_request(priority=100)
     async def check_access(request: Request):

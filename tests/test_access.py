@@ -104,6 +104,22 @@ def test_a_client_that_never_finishes_sending_gets_408(server, part):
     assert generate(server, {"input_ids": [5, 6]}).status_code == 200
 
 
+@pytest.mark.parametrize("raw", [b"GARBAGE\r\n\r\n", b"GET /get_load HTTP/1.1\r\nBad Header\r\n\r\n",
+                                 b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+                                 b"POST /generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+                                 + b"\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n"])
+def test_malformed_http_is_a_json_400(server, raw):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        sock.sendall(raw)
+        reply = b""
+        while chunk := sock.recv(4096):
+            reply += chunk
+    head, _, payload = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), reply
+    error = json.loads(payload)
+    assert error["code"] == 400 and error["message"].startswith("Malformed HTTP request: ")
+
+
 def test_idle_keep_alive_connection_is_closed(server):
     with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
         sock.sendall(b"GET /get_load HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n\r\n")

@@ -15,7 +15,7 @@ As SGLang (contract 1.2, 1.3):
 
 Our own bounds, which SGLang leaves to uvicorn: a body over `--max-request-body-size` is 413 and a
 client that takes longer than `--request-read-timeout` to send its headers, or again as long for its
-body, gets 408, both in FastAPI's HTTPException envelope; idle keep-alive connections close after `--keep-alive-timeout` (uvicorn's 5 s).
+body, gets 408, and HTTP that Sanic cannot parse gets 400, all in FastAPI's HTTPException envelope; idle keep-alive connections close after `--keep-alive-timeout` (uvicorn's 5 s).
 Nothing limits how long a response takes: a generation runs as long as it needs.
 """
 
@@ -27,7 +27,7 @@ import logging
 
 from sanic import Request, Sanic
 from sanic import response as sanic_response
-from sanic.exceptions import PayloadTooLarge, RequestTimeout
+from sanic.exceptions import BadRequest, PayloadTooLarge, RequestTimeout
 
 from serving.http.envelopes import http_exception
 from serving.server_args import ServerArgs
@@ -98,6 +98,11 @@ def install(app: Sanic, args: ServerArgs) -> None:
     async def too_large(request: Request, exc: Exception):
         return http_exception(f"The request is larger than the server accepts ({args.max_request_body_size} bytes, "
                               "--max-request-body-size).", 413)
+
+    @app.exception(BadRequest)
+    async def malformed_http(request: Request, exc: Exception):
+        """Sanic's own 400s (a request line, header, length or chunk it cannot parse), in JSON like the rest."""
+        return http_exception(f"Malformed HTTP request: {exc}", 400)
 
     @app.exception(RequestTimeout)
     async def read_timeout(request: Request, exc: Exception):

@@ -23,6 +23,7 @@ from typing import Any
 from checkpoints.resolve import resolve_model_dir
 from serving import expert_stats
 from serving.config import enable_compilation_cache, resolve_runtime_config
+from serving.observers import finish_observers, internal_requests, observed_emit
 from serving.pooled_requests import probe_request, run_pooled
 from serving.prefix_cache import PrefixCache
 from serving.protocol import (
@@ -85,6 +86,8 @@ class Engine:
             logger.info("Compiled %d step buckets in %.1f s", len(self.runner.buckets()), seconds)
         self.expert_recorder = self._expert_recorder(args)
         self.scheduler = Scheduler(self.runner, self.prefix_cache, self.runtime)
+        self.metrics, self.finish_observers = finish_observers(args, self.served_model_name, self.max_total_num_tokens)
+        self.scheduler.metrics = self.metrics
         self.scheduler.start()
 
     def _expert_recorder(self, args: ServerArgs) -> expert_stats.ExpertDistributionRecorder | None:
@@ -166,12 +169,15 @@ class Engine:
         stop_ids = frozenset() if sp.ignore_eos else self.eos_token_ids | frozenset(sp.stop_token_ids)
         detok = None if self.tokenizer is None else IncrementalDetokenizer(self.tokenizer, sp.skip_special_tokens)
         seed = (sp.sampling_seed & 0xFFFFFFFF) if sp.sampling_seed is not None else self._rng.getrandbits(31)
-        return Request(
+        request = Request(
             rid=item.rid, index=item.index, input_ids=input_ids, sampling=sp, task=task,
             max_new_tokens=max_new, seed=seed, stop_ids=stop_ids, stream=stream,
             stream_interval=sp.stream_interval or self.server_args.stream_interval, emit=emit,
             detokenizer=detok,
         )
+        if not prefill_only:  # an n > 1 prefix warm-up copy is not a request of its own
+            request.emit = observed_emit(request, emit, self.finish_observers)
+        return request
 
     def formatter(self, request: NormalizedGenerate) -> GenerateFormatter:
         """Formats this call's outputs as `/generate` does (one formatter per call: it keeps per-item
@@ -255,11 +261,13 @@ class Engine:
         return await run_pooled(self, request)
 
     async def probe(self, body: dict[str, Any]) -> None:
-        """Warm-up and health check: a /generate body, run as an encode request on a pooled model."""
-        if self.task is Task.GENERATE:
-            await self.generate_request(self.parse(body))
-        else:
-            await self.encode(probe_request(body))
+        """Warm-up and health check: a /generate body, run as an encode request on a pooled model (neither
+        counted in /metrics nor logged by --log-requests)."""
+        with internal_requests():
+            if self.task is Task.GENERATE:
+                await self.generate_request(self.parse(body))
+            else:
+                await self.encode(probe_request(body))
 
     # -- Python API (notebooks, scripts) ------------------------------------------------------------
     async def async_generate(self, stream: bool = False, **body: Any):
@@ -359,6 +367,11 @@ class Engine:
     async def get_load(self) -> dict[str, int]:
         """`num_reqs` (running + waiting), `num_waiting_reqs`, `num_tokens` (KV in use + queued)."""
         return await asyncio.wrap_future(self.scheduler.call(self.scheduler.load))
+
+    async def metrics_text(self) -> bytes:
+        """`/metrics`' body (only with --enable-metrics): the load gauges read between two steps, then every series."""
+        await asyncio.wrap_future(self.scheduler.call(lambda: self.metrics.read_gauges(self.scheduler)))
+        return self.metrics.render()
 
     async def get_server_info(self) -> dict[str, Any]:
         """`server_info()` with the page counts read on the scheduler thread."""

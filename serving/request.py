@@ -45,6 +45,10 @@ class Request:
     # may run with attention whose KV a causal decode must not reuse, so they never insert.
     cache_kv: bool | None = None
     created: float = field(default_factory=time.monotonic)
+    # time.monotonic() at its first admission and at its first output token (None until then): what
+    # /metrics' queue-time and time-to-first-token histograms observe when the request finishes.
+    admitted_at: float | None = None
+    first_token_at: float | None = None
 
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose KV is in the cache (the cached prefix included)
@@ -93,6 +97,8 @@ class Request:
     # -- progress -------------------------------------------------------------------------------
     def append_token(self, token: int) -> None:
         """Record a sampled token and decide whether the request is finished."""
+        if not self.output_ids:
+            self.first_token_at = time.monotonic()
         self.output_ids.append(token)
         if token in self.stop_ids:  # masked on device until min_new_tokens is reached
             self.finish_reason = FinishReason.stop_token(token)

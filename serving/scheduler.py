@@ -34,6 +34,7 @@ from serving.sampler import MAX_BANNED_IDS
 from serving.scheduler_log import SchedulerLog
 
 if TYPE_CHECKING:
+    from serving.metrics import StepMetrics
     from serving.runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class Scheduler:
         # arrives; requeued (retracted) requests were accepted already and always go back.
         self.max_queued = config.max_queued_requests
         self.log = SchedulerLog(config.decode_log_interval, prefix_cache.num_total * self.page_size)
+        self.metrics: StepMetrics | None = None  # the engine sets it with --enable-metrics
         self._num_decodes = 0  # of the last schedule(): its batch starts with that many decode entries
         self._admitted: list[Request] = []  # of the last schedule(): requests it took from the queue
         self.inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -145,6 +147,9 @@ class Scheduler:
         generated = self.process(batch, tokens)
         self.log.after_step(**step, generated=generated, queued=len(self.waiting) + len(self.held),
                             used_tokens=(self.cache.num_total - self.cache.available_pages) * self.page_size)
+        if self.metrics is not None:
+            self.metrics.after_step(decodes=step["decodes"], prefill_tokens=step["prefill_tokens"],
+                                    cached_tokens=step["cached_tokens"], generated=generated)
         return True
 
     def drain_inbox(self, block: bool) -> None:
@@ -258,6 +263,7 @@ class Scheduler:
         request.num_computed = start
         if request.cached_tokens is None:
             request.cached_tokens = start
+            request.admitted_at = time.monotonic()
         return chunk
 
     def _sort_waiting_by_prefix(self) -> None:

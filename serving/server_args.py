@@ -50,7 +50,6 @@ _ONE_DEVICE = "one device per server for now"
 # nothing, which is exactly what the server does today; anything else asks for a feature that is not
 # there, so start-up refuses it rather than silently ignoring it.
 NOT_SUPPORTED_YET: dict[str, tuple[Any, str]] = {
-    "enable_metrics": (False, "there is no /metrics endpoint yet"),
     "watchdog_timeout": (300.0, "there is no forward-step watchdog yet"),
     "tp_size": (1, _ONE_DEVICE),
     "dp_size": (1, _ONE_DEVICE),
@@ -113,10 +112,25 @@ class ServerArgs:
     decode_log_interval: int = _arg(
         40, "Decode steps between two \"Decode batch\" log lines (#running-req, token usage, throughput, "
         "#queue-req; info level).", type=int)
-    api_key: str | None = _arg(None, "Bearer key required on every route except /health and "
-                               "/health_generate.", type=str)
+    api_key: str | None = _arg(None, "Bearer key (`Authorization: Bearer <key>`) required on every route "
+                               "except /health, /health_generate and /metrics (and CORS preflights).",
+                               type=str)
     skip_server_warmup: bool = _arg(False, "Mark the server ready without the warm-up request.")
-    enable_metrics: bool = _arg(False, "Prometheus metrics on /metrics: not supported yet.")
+    enable_metrics: bool = _arg(False, "Serve Prometheus metrics (SGLang's sglang:* series) on /metrics; "
+                                "without it /metrics is 404.")
+    log_requests: bool = _arg(False, "Log every HTTP request (method, path, status, sizes) and every finished "
+                              "request (rid, token counts, finish reason, latency).")
+    log_requests_level: int = _arg(
+        2, "Detail of --log-requests: 0 metadata, 1 + sampling params, 2 + input / output cut to "
+        "2048 characters, 3 + the whole input / output.", type=int, choices=(0, 1, 2, 3))
+    max_request_body_size: int = _arg(
+        8 * 1024 * 1024, "Largest request body in bytes; a larger one is answered 413.", type=int)
+    request_read_timeout: float = _arg(
+        60.0, "Seconds a client has to send a request's headers and body (a slow sender gets 408); it never "
+        "limits how long a generation takes.", type=float)
+    keep_alive_timeout: float = _arg(
+        5.0, "Seconds an idle keep-alive connection stays open between two requests (uvicorn's default in "
+        "SGLang).", type=float)
     enable_cache_report: bool = _arg(
         False, "Report cached prompt tokens in OpenAI responses (usage.prompt_tokens_details.cached_tokens).")
     watchdog_timeout: float = _arg(
@@ -227,6 +241,12 @@ class ServerArgs:
             raise ValueError(f"mem_fraction_static must be in (0, 1], got {self.mem_fraction_static}.")
         if self.random_seed is not None and self.random_seed < 0:
             raise ValueError(f"random_seed must be non-negative, got {self.random_seed}.")
+        self._check_at_least("max_request_body_size", 1024, optional=False)
+        for name in ("request_read_timeout", "keep_alive_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
+        if self.log_requests_level not in (0, 1, 2, 3):
+            raise ValueError(f"log_requests_level must be 0, 1, 2 or 3, got {self.log_requests_level}.")
         if not self.watchdog_timeout > 0:
             raise ValueError(f"watchdog_timeout must be positive, got {self.watchdog_timeout}.")
         if not self.load_format:

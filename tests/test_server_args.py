@@ -33,7 +33,8 @@ def test_defaults_follow_sglang(monkeypatch):
         "expert_distribution_recorder_buffer_size": None, "enable_cache_report": False,
         "sampling_defaults": "model", "chat_template": None, "precompile": True,
         "compilation_cache_dir": "/tmp/xdg-test/pallas-serve/jax-compile-cache",
-        "disable_compilation_cache": False,
+        "disable_compilation_cache": False, "log_requests": False, "log_requests_level": 2,
+        "max_request_body_size": 8 * 1024 * 1024, "request_read_timeout": 60.0, "keep_alive_timeout": 5.0,
     }
     assert args.to_dict() == expected
     assert args.preferred_sampling_params_dict is None
@@ -96,6 +97,12 @@ def test_notebook_launch_command_parses():
         (["--enable-cache-report"], "enable_cache_report", True),
         (["--sampling-defaults", "openai"], "sampling_defaults", "openai"),
         (["--chat-template", "{{ messages[0]['content'] }}"], "chat_template", "{{ messages[0]['content'] }}"),
+        (["--enable-metrics"], "enable_metrics", True),
+        (["--log-requests"], "log_requests", True),
+        (["--log-requests-level", "3"], "log_requests_level", 3),
+        (["--max-request-body-size", "1048576"], "max_request_body_size", 1048576),
+        (["--request-read-timeout", "2.5"], "request_read_timeout", 2.5),
+        (["--keep-alive-timeout", "30"], "keep_alive_timeout", 30.0),
     ],
 )
 def test_flags(argv, field, value):
@@ -112,7 +119,6 @@ NOT_YET_FLAGS = [
     (["--ep", "8"], "ep_size", 8),
     (["--ep-size", "2"], "ep_size", 2),
     (["--watchdog-timeout", "10.5"], "watchdog_timeout", 10.5),
-    (["--enable-metrics"], "enable_metrics", True),
 ]
 
 
@@ -267,6 +273,10 @@ def test_preferred_sampling_params_parsed():
         ({"mem_fraction_static": 1.5}, "mem_fraction_static must be in (0, 1], got 1.5."),
         ({"random_seed": -1}, "random_seed must be non-negative, got -1."),
         ({"watchdog_timeout": 0}, "watchdog_timeout must be positive, got 0."),
+        ({"max_request_body_size": 100}, "max_request_body_size must be at least 1024, got 100."),
+        ({"request_read_timeout": 0}, "request_read_timeout must be positive, got 0."),
+        ({"keep_alive_timeout": float("nan")}, "keep_alive_timeout must be positive, got nan."),
+        ({"log_requests_level": 4}, "log_requests_level must be 0, 1, 2 or 3, got 4."),
         ({"host": ""}, "host must be a non-empty string."),
         ({"load_format": ""}, "load_format must be a non-empty string."),
     ],

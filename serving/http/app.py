@@ -1,9 +1,9 @@
-"""The Sanic app: configuration, API-key auth, error handlers, the status lifecycle (Starting -> Up,
+"""The Sanic app: configuration, error handlers, the status lifecycle (Starting -> Up,
 warm-up) and the engine's start/stop; the routes live in native.py and openai.py.
 
 Status codes and bodies follow ../shared/reference/api-contract.md: a body that is not JSON is 400 in
-FastAPI's validation envelope; unknown paths are 404 `{"detail": "Not Found"}`; a missing or wrong
-bearer key is 401 `{"error": "Unauthorized"}`.
+FastAPI's validation envelope; unknown paths are 404 `{"detail": "Not Found"}`. The API key, CORS and
+the request-size and timeout bounds are in access.py; /metrics and /openapi.json in observability.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from sanic import response as sanic_response
 from sanic.exceptions import MethodNotAllowed, NotFound
 
 from serving.engine import Engine
-from serving.http import experts, native, openai, pooling
+from serving.http import access, experts, native, observability, openai, pooling
 from serving.http.envelopes import BadBody, dumps, schema_error
 
 logger = logging.getLogger(__name__)
@@ -26,23 +26,9 @@ WARMUP_PROMPT = "The capital city of France is"
 
 def create_app(engine: Engine) -> Sanic:
     args = engine.server_args
-    app = Sanic("pallas_serve", dumps=dumps, configure_logging=False)
-    app.config.KEEP_ALIVE_TIMEOUT = 5
-    # Sanic answers 503 "Response Timeout" to a handler that runs longer than RESPONSE_TIMEOUT (60 s by
-    # default, or $SANIC_RESPONSE_TIMEOUT): a generation may take as long as it needs, as in SGLang.
-    app.config.RESPONSE_TIMEOUT = float("inf")
-    app.config.REQUEST_MAX_SIZE = 256 * 1024 * 1024
+    app = Sanic("pallas_serve", dumps=dumps, configure_logging=False, request_class=access.BoundedRequest)
     app.ctx.status = "Starting"
-
-    @app.on_request
-    async def check_api_key(request: Request):
-        if args.api_key is None or request.method == "OPTIONS":
-            return None
-        if request.path.startswith("/health") or request.path.startswith("/metrics"):
-            return None
-        if request.headers.get("authorization") != f"Bearer {args.api_key}":
-            return sanic_response.json({"error": "Unauthorized"}, status=401)
-        return None
+    access.install(app, args)
 
     @app.exception(NotFound)
     async def not_found(request: Request, exc: Exception):
@@ -60,6 +46,7 @@ def create_app(engine: Engine) -> Sanic:
     pooling.register(app, engine)
     openai.register(app, engine)
     experts.register(app, engine)
+    observability.register(app, engine)
 
     @app.after_server_start
     async def warm_up(app: Sanic):

@@ -52,7 +52,6 @@ _ONE_DEVICE = "one device per server for now"
 NOT_SUPPORTED_YET: dict[str, tuple[Any, str]] = {
     "enable_metrics": (False, "there is no /metrics endpoint yet"),
     "enable_cache_report": (False, "the OpenAI completion routes that report cached tokens are not served yet"),
-    "watchdog_timeout": (300.0, "there is no forward-step watchdog yet"),
     "sampling_defaults": ("model", "the OpenAI chat route it applies to is not served yet"),
     "tp_size": (1, _ONE_DEVICE),
     "dp_size": (1, _ONE_DEVICE),
@@ -122,7 +121,8 @@ class ServerArgs:
     enable_cache_report: bool = _arg(
         False, "Cached prompt tokens in OpenAI responses: not supported yet (no OpenAI completion routes).")
     watchdog_timeout: float = _arg(
-        300.0, "Forward-step watchdog timeout in seconds: not supported yet (accepted at 300).", type=float)
+        300.0, "Seconds a forward step may run before its requests are aborted (500) and the server reports "
+        "unhealthy until the step returns (SGLang kills the process instead).", type=float)
 
     # Memory and scheduling
     page_size: int = _arg(16, "Tokens per KV-cache page (a power of two).", type=int)

@@ -267,6 +267,11 @@ class Engine:
         else:
             await self.encode(probe_request(body))
 
+    @property
+    def num_live_requests(self) -> int:
+        """Requests accepted and not yet answered (graceful shutdown waits for none)."""
+        return len(self._live_rids)
+
     def health_problem(self) -> str | None:
         """Why the engine cannot serve at all now (faults.py), else None."""
         return self.scheduler.health_problem()

@@ -117,6 +117,9 @@ class ServerArgs:
     api_key: str | None = _arg(None, "Bearer key required on every route except /health and "
                                "/health_generate.", type=str)
     skip_server_warmup: bool = _arg(False, "Mark the server ready without the warm-up request.")
+    graceful_shutdown_timeout: float = _arg(
+        30.0, "On SIGTERM, seconds the requests in flight get to finish (new ones get 503) before they are "
+        "aborted and the server exits.", type=float)
     enable_metrics: bool = _arg(False, "Prometheus metrics on /metrics: not supported yet.")
     enable_cache_report: bool = _arg(
         False, "Cached prompt tokens in OpenAI responses: not supported yet (no OpenAI completion routes).")

@@ -15,8 +15,8 @@ from sanic import response as sanic_response
 from sanic.exceptions import MethodNotAllowed, NotFound
 
 from serving.engine import Engine
-from serving.http import experts, native, openai, pooling
-from serving.http.envelopes import BadBody, dumps, schema_error
+from serving.http import experts, native, openai, pooling, shutdown
+from serving.http.envelopes import BadBody, dumps, http_exception, schema_error
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,12 @@ def create_app(engine: Engine) -> Sanic:
     app.config.RESPONSE_TIMEOUT = float("inf")
     app.config.REQUEST_MAX_SIZE = 256 * 1024 * 1024
     app.ctx.status = "Starting"
+
+    @app.on_request
+    async def refuse_while_shutting_down(request: Request):
+        if app.ctx.status == shutdown.SHUTTING_DOWN and not request.path.startswith("/health"):
+            return http_exception("The server is shutting down.", 503)
+        return None
 
     @app.on_request
     async def check_api_key(request: Request):
@@ -60,6 +66,7 @@ def create_app(engine: Engine) -> Sanic:
     pooling.register(app, engine)
     openai.register(app, engine)
     experts.register(app, engine)
+    shutdown.install(app, engine, args.graceful_shutdown_timeout)
 
     @app.after_server_start
     async def warm_up(app: Sanic):
@@ -80,7 +87,7 @@ def create_app(engine: Engine) -> Sanic:
 
     @app.before_server_stop
     async def stopping(app: Sanic):
-        app.ctx.status = "Shutting down"
+        app.ctx.status = shutdown.SHUTTING_DOWN
 
     @app.after_server_stop
     async def stop_engine(app: Sanic):

@@ -110,7 +110,8 @@ def register(app: Sanic, engine: Engine) -> None:
         if app.ctx.status not in ("Up", "UnHealthy"):
             return sanic_response.empty(status=503)
         ok = await _healthy()
-        app.ctx.status = "Up" if ok else "UnHealthy"
+        if app.ctx.status in ("Up", "UnHealthy"):  # not if a shutdown began meanwhile
+            app.ctx.status = "Up" if ok else "UnHealthy"
         return sanic_response.empty(status=200 if ok else 503)
 
     # -- information ------------------------------------------------------------------------------

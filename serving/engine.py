@@ -32,6 +32,7 @@ from serving.protocol import (
     NormalizedGenerate,
     Output,
     RequestError,
+    Unavailable,
     UpdateWeightsRequest,
     parse_generate_request,
 )
@@ -208,6 +209,9 @@ class Engine:
         If the consumer stops early (client disconnect, cancellation, an error response), the unfinished
         requests are aborted so their pages are freed.
         """
+        problem = self.scheduler.health_problem()
+        if problem is not None:
+            raise Unavailable(problem)
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[Output] = asyncio.Queue()
 
@@ -265,9 +269,25 @@ class Engine:
         counted in /metrics nor logged by --log-requests)."""
         with internal_requests():
             if self.task is Task.GENERATE:
-                await self.generate_request(self.parse(body))
+                reason = (await self.generate_request(self.parse(body)))["meta_info"]["finish_reason"]
+                if reason is not None and reason["type"] == "abort":  # e.g. refused by a full queue
+                    raise RequestError(f"The probe request was aborted: {reason['message']}")
             else:
                 await self.encode(probe_request(body))
+
+    @property
+    def num_live_requests(self) -> int:
+        """Requests accepted and not yet answered (graceful shutdown waits for none)."""
+        return len(self._live_rids)
+
+    def health_problem(self) -> str | None:
+        """Why the engine cannot serve at all now (faults.py), else None."""
+        return self.scheduler.health_problem()
+
+    @property
+    def steps_done(self) -> int:
+        """Steps that completed: a health check counts any as progress (SGLang's busy-server rule)."""
+        return self.scheduler.num_steps
 
     # -- Python API (notebooks, scripts) ------------------------------------------------------------
     async def async_generate(self, stream: bool = False, **body: Any):

@@ -24,8 +24,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("serving.main").error("%s", exc)
         return 1
     app = create_app(engine)
+    # Signals are serving/http/shutdown.py's: Sanic's handlers would cut in-flight requests short.
     app.run(host=args.host, port=args.port, single_process=True, access_log=False, motd=False,
-            debug=False)
+            debug=False, register_sys_signals=False)
     return 0
 
 

@@ -59,6 +59,7 @@ class Request:
     finish_reason: FinishReason | None = None
     pooled: list[float] | None = None  # a non-generate request's result: its embedding or scores
     _emitted_tokens: int = 0
+    _final_emitted: bool = False  # the finished output goes out once, whoever finishes it
     _text: str = ""
 
     def __post_init__(self) -> None:
@@ -155,7 +156,9 @@ class Request:
     def maybe_emit(self) -> None:
         """Emit on finish, and while streaming every `stream_interval` new tokens."""
         if self.finish_reason is not None:
-            self.emit(self.snapshot())
+            if not self._final_emitted:
+                self._final_emitted = True
+                self.emit(self.snapshot())
         elif self.stream and len(self.output_ids) - self._emitted_tokens >= self.stream_interval:
             self._emitted_tokens = len(self.output_ids)
             self.emit(self.snapshot())

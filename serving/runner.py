@@ -283,3 +283,7 @@ class ModelRunner:
 
     def reset_kv_cache(self) -> None:
         self.kv_pages = allocate_kv_pages(self.kv_spec)
+
+    def kv_cache_lost(self) -> bool:
+        """Whether the cache array was donated to a step that then failed (its buffer is gone)."""
+        return self.kv_pages.is_deleted()

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from serving.config import RuntimeConfig
+from serving.faults import StepWatchdog, recover_lost_cache, step_failed
 from serving.prefix_cache import PrefixCache
 from serving.protocol import FinishReason
 from serving.request import Request, Task
@@ -65,17 +66,38 @@ class Scheduler:
         self.invariant_errors = 0
         self.idle_calls: list[tuple[Callable[[], Any], Future]] = []
         self.held: list[Request] = []  # arrived while an idle call waits
+        # The step running now, for the watchdog (faults.py); step_lock guards these three.
+        self.step_lock = threading.Lock()
+        self.step_started: float | None = None
+        self.step_requests: list[Request] = []
+        self.hung_since: float | None = None  # set by the watchdog; cleared when the step returns
+        self.failures = 0  # errors outside a step that the loop survived
+        self.watchdog = StepWatchdog(self, config.watchdog_timeout) if config.watchdog_timeout else None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
 
     # -- other threads ----------------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
+        if self.watchdog is not None:
+            self.watchdog.start()
 
     def stop(self) -> None:
         self._stop.set()
         self.inbox.put(("wake", None))
         self._thread.join(timeout=30)
+        if self.watchdog is not None:
+            self.watchdog.stop()
+
+    def health_problem(self) -> str | None:
+        """Why the scheduler cannot serve now (its thread died, or a step hangs), else None."""
+        if not self._thread.is_alive() and not self._stop.is_set():
+            return "The scheduler thread has stopped; the server cannot serve requests and needs a restart."
+        hung = self.hung_since
+        if hung is not None:
+            return (f"A forward step has run for {time.monotonic() - hung:.0f} s, longer than "
+                    f"--watchdog-timeout {self.watchdog.timeout:g} s; the server is unhealthy until it returns.")
+        return None
 
     def submit(self, request: Request) -> None:
         self.inbox.put(("add", request))
@@ -100,6 +122,14 @@ class Scheduler:
 
     # -- the loop ---------------------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # the thread is ending: answer every request rather than strand it
+            logger.critical("the scheduler thread is stopping on %r", exc)
+            self._fail_all(exc)
+            raise
+
+    def _serve(self) -> None:
         idle_checked = False
         while not self._stop.is_set():
             busy = bool(self.waiting or self.running)
@@ -120,7 +150,12 @@ class Scheduler:
                         self.invariant_errors += 1
                 continue
             idle_checked = False
-            if not self.step():
+            try:
+                stepped = self.step()
+            except Exception as exc:  # outside the model call: the loop must survive it
+                self._fail_all(exc)
+                stepped = True
+            if not stepped:
                 time.sleep(0.001)
 
     def step(self) -> bool:
@@ -129,6 +164,8 @@ class Scheduler:
         batch = self.schedule()
         if not batch:
             return False
+        with self.step_lock:
+            self.step_started, self.step_requests = time.monotonic(), [r for r, _ in batch]
         try:
             # A pooled model's step returns one vector per sequence instead of a token (a server runs
             # one task, so a batch never mixes them).
@@ -136,9 +173,18 @@ class Scheduler:
             tokens = run(self._host_batch(batch))
         except Exception as exc:  # a failed step must not take the server down
             logger.exception("step failed")
+            tokens = None
             for request, _ in batch:
                 if request.finish_reason is None:
-                    self._finish(request, FinishReason.abort(f"Internal error: {exc}", 500, "InternalServerError"))
+                    request.finish(step_failed(exc))
+            recover_lost_cache(self, [r for r, _ in batch])
+        finally:
+            with self.step_lock:
+                hung = self.hung_since is not None
+                self.step_started, self.step_requests, self.hung_since = None, [], None
+        if tokens is None or hung:  # failed, or the watchdog already answered its requests
+            for request, _ in batch:
+                self._finish(request, request.finish_reason)
             return True
         # Read before process(), which advances num_computed and drops what finished from `running`.
         step = {"new_seqs": len(self._admitted), "cached_tokens": sum(r.num_computed for r in self._admitted),
@@ -279,20 +325,21 @@ class Scheduler:
         candidates = [r for r in self.running if r is not exclude]
         return candidates[-1] if candidates else None
 
-    def _retract(self, request: Request) -> None:
-        """Give back its pages (its computed prefix goes to the radix cache) and requeue it first."""
-        self._release(request)
+    def _retract(self, request: Request, keep_kv: bool = True) -> None:
+        """Give back its pages (its computed prefix goes to the radix cache unless the cache's values
+        were lost) and requeue it first."""
+        self._release(request, keep_kv)
         self.running.remove(request)
         request.num_computed = 0
         request.retractions += 1
         self.waiting.appendleft(request)
         logger.debug("retracted %s (%d tokens)", request.rid, request.total_len)
 
-    def _release(self, request: Request) -> None:
+    def _release(self, request: Request, keep_kv: bool = True) -> None:
         if request.prefix_handle is None:
             return
         self.cache.release(request.prefix_handle, request.tokens(0, request.num_computed), request.pages,
-                           cache=request.cache_kv)
+                           cache=request.cache_kv and keep_kv)
         request.prefix_handle = None
         request.pages = []
 
@@ -368,6 +415,23 @@ class Scheduler:
         for request in list(self.running):
             if hit(request):
                 self._finish(request, FinishReason.abort("Aborted"), cause)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """An error outside the model call (a bug in scheduling or bookkeeping): every request is
+        answered with a 500 abort rather than left hanging, and the loop goes on."""
+        logger.exception("scheduler error; aborting every request")
+        self.failures += 1
+        for request in [*self.running, *self.waiting, *self.held]:
+            if request.finish_reason is None:
+                request.finish(step_failed(exc))
+            try:
+                self._release(request, keep_kv=False)
+            except Exception:
+                logger.exception("could not free the pages of %s", request.rid)
+            request.maybe_emit()
+        self.running.clear()
+        self.waiting.clear()
+        self.held.clear()
 
     # -- queries (scheduler thread, through call()) -----------------------------------------------
     def load(self) -> dict[str, int]:

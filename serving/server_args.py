@@ -50,7 +50,6 @@ _ONE_DEVICE = "one device per server for now"
 # nothing, which is exactly what the server does today; anything else asks for a feature that is not
 # there, so start-up refuses it rather than silently ignoring it.
 NOT_SUPPORTED_YET: dict[str, tuple[Any, str]] = {
-    "watchdog_timeout": (300.0, "there is no forward-step watchdog yet"),
     "tp_size": (1, _ONE_DEVICE),
     "dp_size": (1, _ONE_DEVICE),
     "ep_size": (1, _ONE_DEVICE),
@@ -131,10 +130,14 @@ class ServerArgs:
     keep_alive_timeout: float = _arg(
         5.0, "Seconds an idle keep-alive connection stays open between two requests (uvicorn's default in "
         "SGLang).", type=float)
+    graceful_shutdown_timeout: float = _arg(
+        30.0, "On SIGTERM, seconds the requests in flight get to finish (new ones get 503) before they are "
+        "aborted and the server exits.", type=float)
     enable_cache_report: bool = _arg(
         False, "Report cached prompt tokens in OpenAI responses (usage.prompt_tokens_details.cached_tokens).")
     watchdog_timeout: float = _arg(
-        300.0, "Forward-step watchdog timeout in seconds: not supported yet (accepted at 300).", type=float)
+        300.0, "Seconds a forward step may run before its requests are aborted (500) and the server reports "
+        "unhealthy until the step returns (SGLang kills the process instead).", type=float)
 
     # Memory and scheduling
     page_size: int = _arg(16, "Tokens per KV-cache page (a power of two).", type=int)

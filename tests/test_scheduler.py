@@ -40,10 +40,21 @@ class FakeRunner:
         self.model = model
         self.batches = []  # every HostBatch seen
         self.fail_on_call: int | None = None
+        self.lose_cache = False  # the failing call also loses the cache, as a donated buffer is lost
+        self.lost = False
+
+    def kv_cache_lost(self) -> bool:
+        return self.lost
+
+    def reset_kv_cache(self) -> None:
+        self.lost = False
 
     def run(self, host) -> np.ndarray:
         self.batches.append(host)
         if self.fail_on_call == len(self.batches):
+            if self.lose_cache:
+                self.lost = True
+                self.kv[:] = -1  # every value is gone: a page the scheduler still trusts fails a read below
             raise RuntimeError("device fell over")
         out, start = [], 0
         for s, (kv_len, q_len) in enumerate(zip(host.kv_lens.tolist(), host.q_lens.tolist(), strict=True)):
@@ -222,6 +233,38 @@ def test_a_failing_step_aborts_its_requests_and_the_scheduler_keeps_serving():
         assert len(r.output_ids) == 2
     check_pages(cache)
     assert_still_serves(scheduler, cache, prompt(6, 22), 4)
+
+
+def test_a_step_that_loses_the_cache_requeues_the_others_and_forgets_the_prefix_cache():
+    scheduler, runner, cache = make_scheduler()
+    shared = prompt(12, 30)
+    warm = make_request("warm", shared, 3)
+    scheduler.submit(warm)
+    drive(scheduler)  # its prompt's full pages now sit in the radix cache
+    assert cache.num_evictable > 0
+    runner.fail_on_call, runner.lose_cache = len(runner.batches) + 3, True
+    # One request in the failing step, another that has its prompt cached but is not in that step.
+    doomed = make_request("doomed", prompt(6, 31), 10)
+    scheduler.submit(doomed)
+    for _ in range(2):
+        scheduler.drain_inbox(block=False)
+        scheduler.step()
+    survivor = make_request("survivor", shared + prompt(3, 32), 8)
+    scheduler.running.append(survivor)  # as if admitted earlier and now between steps
+    survivor.prefix_handle = cache.acquire_prefix(survivor.input_ids)
+    survivor.num_computed = survivor.prefix_handle.num_tokens
+    survivor.pages = list(survivor.prefix_handle.pages)
+    scheduler.max_step_tokens = 1  # the failing step: doomed's decode only, no room for survivor's prefill
+    scheduler.step()
+    scheduler.max_step_tokens = 64
+    assert doomed.finish_reason is not None and survivor.finish_reason is None
+    assert survivor in scheduler.waiting and survivor.num_computed == 0
+    drive(scheduler)
+    assert doomed.finish_reason.is_abort and doomed.finish_reason.status_code == 500
+    # Requeued, re-prefilled from nothing (the FakeRunner's cache was wiped) and right.
+    assert survivor.output_ids == reference(survivor.input_ids, 8) and survivor.retractions == 1
+    check_pages(cache)
+    assert_still_serves(scheduler, cache, shared, 4)
 
 
 def test_finish_by_length_stop_id_and_stop_string():

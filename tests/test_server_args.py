@@ -35,6 +35,7 @@ def test_defaults_follow_sglang(monkeypatch):
         "compilation_cache_dir": "/tmp/xdg-test/pallas-serve/jax-compile-cache",
         "disable_compilation_cache": False, "log_requests": False, "log_requests_level": 2,
         "max_request_body_size": 8 * 1024 * 1024, "request_read_timeout": 60.0, "keep_alive_timeout": 5.0,
+        "graceful_shutdown_timeout": 30.0,
     }
     assert args.to_dict() == expected
     assert args.preferred_sampling_params_dict is None
@@ -98,6 +99,8 @@ def test_notebook_launch_command_parses():
         (["--sampling-defaults", "openai"], "sampling_defaults", "openai"),
         (["--chat-template", "{{ messages[0]['content'] }}"], "chat_template", "{{ messages[0]['content'] }}"),
         (["--enable-metrics"], "enable_metrics", True),
+        (["--watchdog-timeout", "10.5"], "watchdog_timeout", 10.5),
+        (["--graceful-shutdown-timeout", "5"], "graceful_shutdown_timeout", 5.0),
         (["--log-requests"], "log_requests", True),
         (["--log-requests-level", "3"], "log_requests_level", 3),
         (["--max-request-body-size", "1048576"], "max_request_body_size", 1048576),
@@ -118,7 +121,6 @@ NOT_YET_FLAGS = [
     (["--dp-size", "3"], "dp_size", 3),
     (["--ep", "8"], "ep_size", 8),
     (["--ep-size", "2"], "ep_size", 2),
-    (["--watchdog-timeout", "10.5"], "watchdog_timeout", 10.5),
 ]
 
 

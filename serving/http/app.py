@@ -15,8 +15,8 @@ from sanic import response as sanic_response
 from sanic.exceptions import MethodNotAllowed, NotFound
 
 from serving.engine import Engine
-from serving.http import access, experts, native, observability, openai, pooling
-from serving.http.envelopes import BadBody, dumps, schema_error
+from serving.http import access, experts, native, observability, openai, pooling, shutdown
+from serving.http.envelopes import BadBody, dumps, http_exception, schema_error
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,12 @@ def create_app(engine: Engine) -> Sanic:
     app = Sanic("pallas_serve", dumps=dumps, configure_logging=False, request_class=access.BoundedRequest)
     app.ctx.status = "Starting"
     access.install(app, args)
+
+    @app.on_request
+    async def refuse_while_shutting_down(request: Request):
+        if app.ctx.status == shutdown.SHUTTING_DOWN and not request.path.startswith("/health"):
+            return http_exception("The server is shutting down.", 503)
+        return None
 
     @app.exception(NotFound)
     async def not_found(request: Request, exc: Exception):
@@ -47,6 +53,7 @@ def create_app(engine: Engine) -> Sanic:
     openai.register(app, engine)
     experts.register(app, engine)
     observability.register(app, engine)
+    shutdown.install(app, engine, args.graceful_shutdown_timeout)
 
     @app.after_server_start
     async def warm_up(app: Sanic):
@@ -67,7 +74,7 @@ def create_app(engine: Engine) -> Sanic:
 
     @app.before_server_stop
     async def stopping(app: Sanic):
-        app.ctx.status = "Shutting down"
+        app.ctx.status = shutdown.SHUTTING_DOWN
 
     @app.after_server_stop
     async def stop_engine(app: Sanic):

@@ -26,6 +26,8 @@ def read_json(request: Request) -> Any:
         return json.loads(request.body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadBody(f"Request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadBody("Request body is not valid JSON: it nests arrays and objects too deeply.") from None
 
 
 def error_response(message: str, status: int = 400):

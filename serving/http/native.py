@@ -56,7 +56,7 @@ def register(app: Sanic, engine: Engine) -> None:
                     if out.finished and out.finish_reason.is_abort and out.finish_reason.status_code:
                         break  # the whole response is that error: closing aborts the other items
         except RequestError as exc:
-            return error_response(str(exc))
+            return error_response(str(exc)) if exc.status_code == 400 else http_exception(str(exc), exc.status_code)
         error = formatter.http_error()
         if error is not None:
             if error.status_code == 400:  # SGLang raises a ValueError (case A), otherwise an HTTPException
@@ -75,23 +75,43 @@ def register(app: Sanic, engine: Engine) -> None:
         await response.send("data: [DONE]\n\n")
         await response.eof()
 
-    async def _probe() -> bool:
+    async def _healthy() -> bool:
+        """SGLang's rule (contract 9): a one-token probe request, checked once a second for up to
+        HEALTH_CHECK_TIMEOUT; any step the engine completes meanwhile counts as healthy too, so a server
+        busy with a long prefill or a full queue passes. A dead scheduler or a hung step fails at once."""
+        if engine.health_problem() is not None:
+            return False
         # A unique rid: two probes at once must not be refused as duplicate request ids.
         body = {"input_ids": [0], "sampling_params": {"max_new_tokens": 1, "temperature": 0},
                 "rid": f"HEALTH_CHECK_{time.time()}_{uuid.uuid4().hex[:8]}"}
+        steps = engine.steps_done
+        probe = asyncio.ensure_future(engine.probe(body))
+        deadline = time.monotonic() + HEALTH_CHECK_TIMEOUT
         try:
-            await asyncio.wait_for(engine.probe(body), HEALTH_CHECK_TIMEOUT)
-            return True
-        except (TimeoutError, RequestError):
-            return False
+            while True:
+                done, _ = await asyncio.wait({probe}, timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+                if done:
+                    return probe.exception() is None
+                if engine.health_problem() is not None:
+                    return False
+                if engine.steps_done > steps:
+                    return True
+                if time.monotonic() >= deadline:
+                    return False
+        finally:
+            if not probe.done():
+                probe.cancel()  # its stream's cleanup aborts the probe request in the engine
+            elif not probe.cancelled():
+                probe.exception()  # retrieved, so asyncio does not log it as never retrieved
 
     @app.get("/health")
     @app.get("/health_generate", name="health_generate_route")
     async def health(request: Request):
         if app.ctx.status not in ("Up", "UnHealthy"):
             return sanic_response.empty(status=503)
-        ok = await _probe()
-        app.ctx.status = "Up" if ok else "UnHealthy"
+        ok = await _healthy()
+        if app.ctx.status in ("Up", "UnHealthy"):  # not if a shutdown began meanwhile
+            app.ctx.status = "Up" if ok else "UnHealthy"
         return sanic_response.empty(status=200 if ok else 503)
 
     # -- information ------------------------------------------------------------------------------

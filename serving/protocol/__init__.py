@@ -11,7 +11,7 @@ from serving.protocol.bodies import (
     parse_tokenize_request,
     parse_update_weights_request,
 )
-from serving.protocol.errors import NOT_SUPPORTED_SUFFIX, RequestError, SchemaError
+from serving.protocol.errors import NOT_SUPPORTED_SUFFIX, RequestError, SchemaError, Unavailable
 from serving.protocol.generate import (
     GENERATE_FIELDS,
     GenerateItem,
@@ -24,7 +24,7 @@ from serving.protocol.sampling import GREEDY_TEMPERATURE_EPS, SamplingParams, me
 __all__ = [
     "GENERATE_FIELDS", "GREEDY_TEMPERATURE_EPS", "NOT_SUPPORTED_SUFFIX", "DetokenizeRequest", "FinishReason",
     "GenerateFormatter", "GenerateItem", "NormalizedGenerate", "Output", "RequestError", "SamplingParams",
-    "SchemaError", "TokenizeRequest", "UpdateWeightsRequest", "merge_preferred", "parse_abort_request",
+    "SchemaError", "Unavailable", "TokenizeRequest", "UpdateWeightsRequest", "merge_preferred", "parse_abort_request",
     "parse_detokenize_request", "parse_generate_request", "parse_tokenize_request",
     "parse_update_weights_request",
 ]

@@ -21,6 +21,12 @@ class SchemaError(RequestError):
     """The body has the wrong shape (not an object, wrong JSON type, missing required field)."""
 
 
+class Unavailable(RequestError):
+    """The server cannot take the request now (its scheduler died or a step hangs): HTTP 503."""
+
+    status_code = 503
+
+
 def unsupported(what: str) -> RequestError:
     return RequestError(f"{what} {NOT_SUPPORTED_SUFFIX}")
 

@@ -381,8 +381,13 @@ class Engine:
         return await asyncio.to_thread(expert_stats.write_dump, result) if action == "dump" else []
 
     def abort(self, rid: str, abort_all: bool = False, cause: str = "/abort_request") -> None:
-        """Abort every request whose id starts with `rid` (all of them with `abort_all`); `cause` is logged."""
-        self.scheduler.abort(rid, abort_all, cause=cause)
+        """Abort the request `rid` (and what derives from it: the scheduler matches ids by prefix), or every
+        request with `abort_all`; `cause` is logged. Ignored unless `rid` is in flight (contract 5.14): an
+        empty or partial id must not abort everyone else's requests."""
+        with self._live_rids_lock:
+            known = rid in self._live_rids
+        if abort_all or known:
+            self.scheduler.abort(rid, abort_all, cause=cause)
 
     async def get_load(self) -> dict[str, int]:
         """`num_reqs` (running + waiting), `num_waiting_reqs`, `num_tokens` (KV in use + queued)."""

@@ -27,19 +27,28 @@ from tests.hf_reference import assert_greedy
 FUZZ_SEED = replayable_seed("FUZZ_TEST_SEED")
 EXAMPLES = 700  # per test below; three tests: 2,100 requests
 
-# Every route the server serves, with the body fields it knows (so bodies hit real validation paths).
-ROUTES = {
+# The routes come from the server's own /openapi.json (built from its route table), so a route added
+# later is fuzzed without an edit here. Known body fields make bodies reach real validation paths.
+FIELDS = {
     "/generate": ["text", "input_ids", "sampling_params", "stream", "rid", "return_logprob", "image_data",
                   "logprob_start_len", "top_logprobs_num", "return_text_in_logprobs", "lora_path"],
     "/encode": ["text", "input_ids", "rid", "dimensions"],
     "/classify": ["text", "input_ids", "rid"],
     "/v1/embeddings": ["input", "model", "encoding_format", "dimensions", "user"],
     "/v1/rerank": ["query", "documents", "top_n", "return_documents"],
+    "/v1/completions": ["prompt", "model", "max_tokens", "temperature", "n", "stop", "logprobs", "echo",
+                        "stream", "stream_options", "seed", "logit_bias", "response_format"],
+    "/v1/chat/completions": ["messages", "model", "max_tokens", "max_completion_tokens", "temperature", "n",
+                             "stop", "logprobs", "top_logprobs", "stream", "tools", "response_format", "seed"],
+    "/tokenize": ["prompt", "add_special_tokens", "model"], "/detokenize": ["tokens", "model"],
     "/abort_request": ["rid"],
     "/update_weights_from_disk": ["model_path", "load_format", "weight_version", "flush_cache"],
-    "/get_model_info": [], "/get_server_info": [], "/get_load": [], "/get_weight_version": [],
-    "/v1/models": [], "/health": [], "/health_generate": [],
 }
+# Routes whose whole purpose is to change the server for everyone; the fuzzing sends them nothing, so
+# the requests that follow meet the same server (an empty body would flush, pause or release it).
+STATEFUL = {"/flush_cache", "/start_expert_distribution_record", "/stop_expert_distribution_record",
+            "/dump_expert_distribution_record", "/pause_generation", "/continue_generation",
+            "/release_memory_occupation", "/resume_memory_occupation", "/update_weight_version"}
 SAMPLING_KEYS = ["max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop",
                  "stop_token_ids", "ignore_eos", "frequency_penalty", "presence_penalty", "repetition_penalty",
                  "json_schema", "regex", "ebnf", "logit_bias", "sampling_seed", "skip_special_tokens",
@@ -66,7 +75,7 @@ def deep(n: int) -> bytes:
 @st.composite
 def shaped_body(draw, route: str) -> dict:
     """A dict with some of the route's own fields, hostile values in them, sometimes extra keys."""
-    fields = ROUTES[route]
+    fields = FIELDS.get(route, [])
     body = {key: draw(json_values) for key in draw(st.lists(st.sampled_from(fields), max_size=4, unique=True))} \
         if fields else {}
     if route == "/generate" and draw(st.booleans()):
@@ -105,9 +114,19 @@ def hostile_payload(draw) -> bytes:
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir):
     proc = ServerProcess(tiny_llama_dir, "--page-size", "4", "--max-total-tokens", "1024",
-                         "--max-running-requests", "8", "--skip-server-warmup")
+                         "--max-running-requests", "8", "--skip-server-warmup", "--enable-metrics")
     yield proc
     assert proc.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def routes(server) -> list[tuple[str, str]]:
+    """(method, path) of every operation the server documents, path parameters filled in."""
+    paths = server.get("/openapi.json").json()["paths"]
+    found = [(method.upper(), path.replace("{model_id}", "x")) for path, ops in paths.items()
+             for method in ops if path not in STATEFUL]
+    assert {"/generate", "/v1/chat/completions", "/encode", "/tokenize"} <= {p for _, p in found}
+    return sorted(found)
 
 
 def check(response: requests.Response, what: str) -> None:
@@ -134,30 +153,32 @@ SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None,
 @seed(FUZZ_SEED)
 @SETTINGS
 @given(data=st.data())
-def test_shaped_bodies_on_every_route(server, data):
-    route = data.draw(st.sampled_from(sorted(ROUTES)))
-    method = "GET" if not ROUTES[route] else data.draw(st.sampled_from(["POST", "POST", "PUT"]))
-    if route in ("/abort_request", "/update_weights_from_disk", "/v1/embeddings"):
-        method = "POST"
+def test_shaped_bodies_on_every_route(server, routes, data):
+    method, route = data.draw(st.sampled_from(routes))
     body = data.draw(shaped_body(route))
-    send(server, method, route, raw_bytes(body) if method != "GET" else None)
+    send(server, method, route, raw_bytes(body) if method in ("POST", "PUT") else None)
 
 
 @seed(FUZZ_SEED + 1)
 @SETTINGS
-@given(route=st.sampled_from(sorted(ROUTES)), payload=hostile_payload(), method=st.sampled_from(["POST", "PUT"]))
-def test_hostile_payloads_on_every_route(server, route, payload, method):
-    send(server, method, route, payload)
+@given(data=st.data())
+def test_hostile_payloads_on_every_route(server, routes, data):
+    method, route = data.draw(st.sampled_from([(m, r) for m, r in routes if m in ("POST", "PUT")]))
+    send(server, method, route, data.draw(hostile_payload()))
 
 
 @seed(FUZZ_SEED + 2)
 @SETTINGS
-@given(path=st.one_of(st.sampled_from(sorted(ROUTES)), st.text(
-    alphabet=st.characters(min_codepoint=33, max_codepoint=126, exclude_characters="?#%"), max_size=30).map(
-        lambda s: "/" + s)), method=st.sampled_from(METHODS))
-def test_unknown_paths_and_methods(server, path, method):
-    if path in ("/abort_request", "/update_weights_from_disk", "/flush_cache"):
-        method = "GET" if path != "/flush_cache" else "DELETE"  # the wrong method: never acts
+@given(data=st.data())
+def test_unknown_paths_and_methods(server, routes, data):
+    known = {path for _, path in routes}
+    path = data.draw(st.one_of(st.sampled_from(sorted(known)), st.text(
+        alphabet=st.characters(min_codepoint=33, max_codepoint=126, exclude_characters="?#%"),
+        max_size=30).map(lambda s: "/" + s)))
+    method = data.draw(st.sampled_from(METHODS))
+    if path in STATEFUL or path.rstrip("/") in STATEFUL or (path in known and (method, path) not in routes
+                                                             and method in ("GET", "POST", "PUT")):
+        method = "DELETE"  # a method the route does not take: answered 405, never acted on
     send(server, method, path, b"{}" if method in ("POST", "PUT", "PATCH") else None)
 
 

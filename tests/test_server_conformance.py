@@ -129,6 +129,20 @@ def test_abort_is_logged_with_rid_and_reason(server):
     assert "Abort request to-abort in running: Aborted (/abort_request)" in full_log(server)
 
 
+def test_abort_of_an_unknown_rid_is_ignored(server):
+    """Contract 5.14: ignored unless the rid is in flight (or abort_all); an empty or partial rid used to
+    abort every request whose id it prefixes, i.e. `{}` aborted them all."""
+    wait_idle(server)
+    with requests.post(server.url + "/generate", json=body(60, rid="keep-running", stream=True), stream=True,
+                       timeout=300) as r:
+        lines = r.iter_lines(decode_unicode=True)
+        assert next(line for line in lines if line).startswith("data: ")
+        for stray in ({}, {"rid": ""}, {"rid": "keep"}, {"rid": "no-such-request"}):
+            assert server.post("/abort_request", json=stray).status_code == 200
+        events = [json.loads(line[6:]) for line in lines if line and line != "data: [DONE]"]
+    assert events[-1]["meta_info"]["finish_reason"] == {"type": "length", "length": 60}
+
+
 def test_stream_output_chunks_add_up_to_the_non_streamed_ids(server):
     # SGLang's skip-tokenizer-init run_decode_stream: with --stream-output the chunks are disjoint.
     request = body(24, logprob_start_len=0, return_logprob=False, top_logprobs_num=0)

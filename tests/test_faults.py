@@ -1,7 +1,7 @@
 """Faults inside the engine, through the real server: a step that raises, one that loses the donated KV
 cache, one that hangs past --watchdog-timeout, and a scheduler thread that dies. Faults are injected by
-tests/faults/sitecustomize.py (on the server's PYTHONPATH), triggered by token ids random prompts never
-hold; the server itself has no test hook."""
+tests/faults/sitecustomize.py (on the server's PYTHONPATH), triggered by a prompt holding a trigger id three
+times in a row; the server itself has no test hook."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ import transformers
 from tests.conftest import REPO, ServerProcess, make_tiny_checkpoint, replayable_seed
 from tests.hf_reference import assert_greedy
 
-RAISE, LOSE_CACHE, HANG, DIE = 380, 381, 382, 383  # trigger ids; prompts are drawn from [3, 380)
-HANG_SECONDS = 8.0
+RAISE, LOSE_CACHE, HANG, DIE = 380, 381, 382, 383  # trigger ids, three in a row; prompts are from [3, 380)
+HANG_SECONDS = 10.0
 FLAGS = ("--page-size", "4", "--max-total-tokens", "1024", "--chunked-prefill-size", "32",
-         "--skip-server-warmup", "--watchdog-timeout", "2")
+         "--skip-server-warmup", "--watchdog-timeout", "3")
 
 
 def fault_env() -> dict[str, str]:
@@ -71,7 +71,7 @@ def assert_serves_and_nothing_leaked(server, checkpoint, rng):
 
 
 def test_a_failing_step_is_a_500_and_the_server_keeps_serving(server, checkpoint, rng):
-    r = generate(server, rng.integers(3, 380, size=5).tolist() + [RAISE])
+    r = generate(server, rng.integers(3, 380, size=5).tolist() + [RAISE] * 3)
     assert r.status_code == 500
     assert r.json()["message"] == "Internal error: injected fault"
     assert_serves_and_nothing_leaked(server, checkpoint, rng)
@@ -82,7 +82,7 @@ def test_a_lost_cache_is_replaced_and_the_prefix_cache_forgotten(server, checkpo
     first = generate(server, prompt).json()
     assert_greedy(checkpoint[1], prompt, first["output_ids"], 8)
     assert generate(server, prompt).json()["meta_info"]["cached_tokens"] > 0  # the prefix is cached
-    r = generate(server, rng.integers(3, 380, size=5).tolist() + [LOSE_CACHE])
+    r = generate(server, rng.integers(3, 380, size=5).tolist() + [LOSE_CACHE] * 3)
     assert r.status_code == 500 and "after the cache was donated" in r.json()["message"]
     # The radix index pointed into the lost cache: it must be empty now, and the answer still right.
     again = generate(server, prompt).json()
@@ -95,7 +95,7 @@ def test_a_hung_step_is_aborted_by_the_watchdog_and_reported_unhealthy(server, c
     result = {}
 
     def hung_request():
-        result["response"] = generate(server, rng.integers(3, 380, size=5).tolist() + [HANG])
+        result["response"] = generate(server, rng.integers(3, 380, size=5).tolist() + [HANG] * 3)
 
     worker = threading.Thread(target=hung_request)
     started = time.monotonic()
@@ -104,7 +104,7 @@ def test_a_hung_step_is_aborted_by_the_watchdog_and_reported_unhealthy(server, c
     r = result["response"]
     # Answered by the watchdog while the step still sleeps, not when the step returns.
     answered_in = time.monotonic() - started
-    assert r.status_code == 500 and "--watchdog-timeout 2 s" in r.json()["message"], r.text
+    assert r.status_code == 500 and "--watchdog-timeout 3 s" in r.json()["message"], r.text
     if answered_in < HANG_SECONDS - 1:
         assert server.get("/health_generate").status_code == 503
         refused = generate(server, [5, 6, 7])
@@ -119,7 +119,7 @@ def test_a_hung_step_is_aborted_by_the_watchdog_and_reported_unhealthy(server, c
 def test_a_dead_scheduler_answers_its_requests_and_fails_health(checkpoint):
     proc = ServerProcess(checkpoint[0], *FLAGS, env=fault_env())
     try:
-        r = generate(proc, [5, 6, DIE])
+        r = generate(proc, [5, 6] + [DIE] * 3)
         assert r.status_code == 500 and "injected scheduler death" in r.json()["message"]
         assert proc.get("/health_generate").status_code == 503
         assert proc.get("/health").status_code == 503

@@ -1,6 +1,7 @@
 """Fault injection for tests/test_faults.py: Python imports this module at start-up when tests/faults is
 on PYTHONPATH, and with $PALLAS_TEST_FAULTS set it wraps `ModelRunner.run` so that a step whose tokens
-include a trigger id misbehaves. Nothing in the server knows about it.
+hold a trigger id three times in a row misbehaves (a prompt asks for it; a decode step, one sampled
+token per sequence, practically never does). Nothing in the server knows about it.
 
 PALLAS_TEST_FAULTS is a comma-separated list of `kind:token_id[:seconds]`:
 - `raise`: the step raises before computing anything;
@@ -29,10 +30,13 @@ if _SPEC:
         _FAULTS.append((kind, int(token), float(rest[0]) if rest else 0.0))
     _original_run = _runner_module.ModelRunner.run
 
+    def _triggered(ids, token):
+        return any(ids[i] == ids[i + 1] == ids[i + 2] == token for i in range(len(ids) - 2))
+
     def _run(self, host):
-        ids = set(host.input_ids.tolist())
+        ids = host.input_ids.tolist()
         for kind, token, seconds in _FAULTS:
-            if token not in ids:
+            if not _triggered(ids, token):
                 continue
             if kind == "raise":
                 raise RuntimeError("injected fault")

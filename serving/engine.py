@@ -23,6 +23,7 @@ from typing import Any
 from checkpoints.resolve import resolve_model_dir
 from serving import expert_stats
 from serving.config import enable_compilation_cache, resolve_runtime_config
+from serving.logprobs import new_logprob_record
 from serving.pooled_requests import probe_request, run_pooled
 from serving.prefix_cache import PrefixCache
 from serving.protocol import (
@@ -171,6 +172,7 @@ class Engine:
             max_new_tokens=max_new, seed=seed, stop_ids=stop_ids, stream=stream,
             stream_interval=sp.stream_interval or self.server_args.stream_interval, emit=emit,
             detokenizer=detok,
+            logprobs=None if prefill_only else new_logprob_record(item.logprobs, input_ids, max_new, self.tokenizer),
         )
 
     def formatter(self, request: NormalizedGenerate) -> GenerateFormatter:

@@ -34,6 +34,8 @@ from model.registry import model_class_for
 from serving.config import RuntimeConfig
 from serving.expert_stats import aux_outputs_for
 from serving.kv_cache import KVCacheSpec, allocate_kv_pages, params_bytes, plan_kv_cache
+from serving.logprobs import LogprobBatch, step_logprobs
+from serving.penalties import PenaltyBatch, apply_penalties
 from serving.sampler import SamplingBatch, sample
 
 logger = logging.getLogger(__name__)
@@ -47,6 +49,9 @@ class StepBatch(NamedTuple):
     inputs: StepInputs
     logits_indices: jax.Array  # int32[S]: the last new token of each sequence
     sampling: SamplingBatch
+    # None when no request of the step asks: a different pytree, so the plain step compiles without them.
+    penalties: PenaltyBatch | None = None
+    logprobs: LogprobBatch | None = None
 
 
 @dataclass
@@ -59,6 +64,9 @@ class HostBatch:
     page_indices: list[list[int]]  # per sequence
     q_lens: np.ndarray  # int32[num_seqs]
     sampling: dict[str, np.ndarray]  # SamplingBatch fields, [num_seqs]
+    penalties: dict[str, np.ndarray] | None = None  # PenaltyBatch fields (serving.penalties)
+    logprobs: dict[str, np.ndarray] | None = None  # LogprobBatch fields (serving.logprobs)
+    num_top: int = 0  # top logprobs per position (a static width of the logprob step)
 
 
 def _forward(bound: BoundParams, treedef, backend: AttentionBackend, param_leaves, kv_pages, inputs: StepInputs):
@@ -66,15 +74,20 @@ def _forward(bound: BoundParams, treedef, backend: AttentionBackend, param_leave
     return model, model.forward(inputs, kv_pages, backend, layers)
 
 
-def _sample_step(bound, treedef, backend, param_leaves, kv_pages, batch: StepBatch):
+def _sample_step(bound, treedef, backend, param_leaves, kv_pages, batch: StepBatch, num_top: int = 0):
+    """The tokens, or with `batch.logprobs` a `(tokens, logprob numbers)` pair (serving.logprobs)."""
     model, out = _forward(bound, treedef, backend, param_leaves, kv_pages, batch.inputs)
-    tokens = sample(model.logits(out.hidden[batch.logits_indices]), batch.sampling)
-    return tokens, out.kv, out.aux
+    raw_logits = model.logits(out.hidden[batch.logits_indices])
+    logits = raw_logits if batch.penalties is None else apply_penalties(raw_logits, batch.penalties)
+    tokens = sample(logits, batch.sampling)
+    if batch.logprobs is None:
+        return tokens, out.kv, out.aux
+    return (tokens, step_logprobs(model, out.hidden, raw_logits, tokens, batch.logprobs, num_top)), out.kv, out.aux
 
 
-def _keep_aux(step, names, *args):
+def _keep_aux(step, names, *args, **static):
     """`step` returning only the aux outputs in `names`: XLA drops the rest, so they cost nothing."""
-    result, kv, aux = step(*args)
+    result, kv, aux = step(*args, **static)
     return result, kv, {name: aux[name] for name in names if name in aux}
 
 
@@ -133,6 +146,7 @@ class ModelRunner:
         self.pages_per_seq = -(-self.context_length // config.page_size)
         self.kv_pages = allocate_kv_pages(self.kv_spec)
         self.last_aux: dict[str, np.ndarray] = {}  # the last step's auxiliary outputs (model.interface)
+        self.last_logprobs: dict | None = None  # the last step's logprob numbers, when it computed any
         # The aux outputs the step returns (the expert recorder's), and who gets them after each `run`.
         self.aux_names = aux_outputs_for(config.expert_recorder_mode)
         self.aux_sink = None  # Callable[[dict[str, np.ndarray], HostBatch], None]
@@ -140,7 +154,7 @@ class ModelRunner:
         # The CPU path's step only reads the cache (nothing to donate); the Pallas kernels update it in place.
         donate = () if self.attention.head_major else (1,)
         self._step = jax.jit(partial(_keep_aux, partial(_sample_step, *static), self.aux_names),
-                             donate_argnums=donate)
+                             donate_argnums=donate, static_argnames=("num_top",))
         self._pool_steps: dict[tuple[str, bool], object] = {}
         self._pool_static = static
         self._write_kv = jax.jit(self.attention.write_layers, donate_argnums=(0,))
@@ -222,7 +236,10 @@ class ModelRunner:
         meta = AttentionMetadata(kv_lens, page_indices, cu_q_lens, np.array([num_seqs], np.int32))
         # Rope tables on the host: inside the jit XLA:CPU fused cos / sin into every layer's rotation.
         rope = rope_tables(positions, *self._rope_frequencies, xp=np)
-        return StepBatch(StepInputs(input_ids, positions, meta, rope), logits_indices, SamplingBatch(**sampling))
+        penalties = None if host.penalties is None else PenaltyBatch(**PenaltyBatch.pad(host.penalties, seqs))
+        logprobs = None if host.logprobs is None else LogprobBatch(**LogprobBatch.pad(host.logprobs, seqs))
+        return StepBatch(StepInputs(input_ids, positions, meta, rope), logits_indices, SamplingBatch(**sampling),
+                         penalties, logprobs)
 
     def _padded(self, host: HostBatch) -> StepBatch:
         return self._pad(host, *self.bucket(len(host.input_ids), len(host.kv_lens)))
@@ -230,7 +247,12 @@ class ModelRunner:
     def run(self, host: HostBatch) -> np.ndarray:
         """Run one sampling step; returns the sampled token of each sequence (`int32[num_seqs]`)."""
         # Host arrays go straight into the jit call: an explicit device_put of the batch cost ~0.7 ms.
-        tokens = self._run(self._step, self._padded(host), len(host.input_ids))
+        if host.logprobs is None:
+            tokens = self._run(self._step, self._padded(host), len(host.input_ids))
+            self.last_logprobs = None
+        else:
+            tokens, numbers = self._run(self._step, self._padded(host), len(host.input_ids), num_top=host.num_top)
+            self.last_logprobs = jax.tree.map(np.asarray, numbers)
         if self.aux_sink is not None and self.last_aux:
             self.aux_sink(self.last_aux, host)
         return np.asarray(tokens)[: len(host.kv_lens)]
@@ -259,8 +281,8 @@ class ModelRunner:
         segment_ids[:num_tokens] = np.repeat(np.arange(len(q_lens), dtype=np.int32), q_lens)
         return self._pool_steps[key](self._param_leaves, batch, segment_ids)
 
-    def _run(self, step, batch: StepBatch, num_tokens: int):
-        result, kv, aux = step(self._param_leaves, self.kv_pages, batch)
+    def _run(self, step, batch: StepBatch, num_tokens: int, **static):
+        result, kv, aux = step(self._param_leaves, self.kv_pages, batch, **static)
         self.kv_pages = self._write_kv(self.kv_pages, kv) if self.attention.head_major else kv
         # Auxiliary outputs (none for dense models) come back only when a model declares them.
         self.last_aux = {name: np.asarray(value)[:, :num_tokens] if name in PER_TOKEN_AUX else np.asarray(value)

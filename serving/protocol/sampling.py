@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -99,20 +100,15 @@ class SamplingParams:
             raise RequestError(f"stream_interval must be at least 1, got {self.stream_interval}.")
         if self.sampling_seed is not None and not _INT64_MIN <= self.sampling_seed <= _INT64_MAX:
             raise RequestError(f"sampling_seed must be a signed 64-bit integer, got {self.sampling_seed}.")
+        for pattern in self.stop_regex:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise RequestError(f"stop_regex {pattern!r} is not a valid regular expression: {exc}.") from None
         # Features a later issue brings: accepted only at their neutral value.
-        if self.frequency_penalty != 0:
-            raise unsupported("frequency_penalty other than 0")
-        if self.presence_penalty != 0:
-            raise unsupported("presence_penalty other than 0")
-        if self.repetition_penalty != 1:
-            raise unsupported("repetition_penalty other than 1")
         for key in ("json_schema", "regex", "ebnf", "structural_tag"):
             if getattr(self, key) is not None:
                 raise unsupported(f"Constrained decoding ({key})")
-        if self.stop_regex:
-            raise unsupported("stop_regex")
-        if self.logit_bias:
-            raise unsupported("logit_bias")
         if self.custom_params is not None:
             raise unsupported("custom_params")
         # Normalize representations only after the messages above printed the values as given.

@@ -27,9 +27,13 @@ if TYPE_CHECKING:
     from serving.request import Request
 
 
+# Id lists are padded to at least this many columns: short generations share one compiled shape.
+MIN_IDS_WIDTH = 32
+
+
 def _width(n: int) -> int:
-    """Power-of-two padded width, at least 1 (one shape per doubling of the longest list)."""
-    return 1 << max(n - 1, 0).bit_length()
+    """Power-of-two padded width, at least MIN_IDS_WIDTH (one shape per doubling of the longest list)."""
+    return max(MIN_IDS_WIDTH, 1 << max(n - 1, 0).bit_length())
 
 
 class PenaltyBatch(NamedTuple):

@@ -49,9 +49,6 @@ class StepBatch(NamedTuple):
     inputs: StepInputs
     logits_indices: jax.Array  # int32[S]: the last new token of each sequence
     sampling: SamplingBatch
-    # None when no request of the step asks: a different pytree, so the plain step compiles without them.
-    penalties: PenaltyBatch | None = None
-    logprobs: LogprobBatch | None = None
 
 
 @dataclass
@@ -74,20 +71,24 @@ def _forward(bound: BoundParams, treedef, backend: AttentionBackend, param_leave
     return model, model.forward(inputs, kv_pages, backend, layers)
 
 
-def _sample_step(bound, treedef, backend, param_leaves, kv_pages, batch: StepBatch, num_top: int = 0):
-    """The tokens, or with `batch.logprobs` a `(tokens, logprob numbers)` pair (serving.logprobs)."""
+def _sample_step(bound, treedef, backend, param_leaves, kv_pages, batch: StepBatch):
+    """The sampled tokens, plus the raw logits of the sampled rows and the final hidden states: both are
+    computed anyway, and returning them (they stay on device) lets `_post_step` penalise, resample and
+    take logprobs without a second compiled variant of the whole model per shape."""
     model, out = _forward(bound, treedef, backend, param_leaves, kv_pages, batch.inputs)
     raw_logits = model.logits(out.hidden[batch.logits_indices])
-    logits = raw_logits if batch.penalties is None else apply_penalties(raw_logits, batch.penalties)
-    tokens = sample(logits, batch.sampling)
-    if batch.logprobs is None:
-        return tokens, out.kv, out.aux
-    return (tokens, step_logprobs(model, out.hidden, raw_logits, tokens, batch.logprobs, num_top)), out.kv, out.aux
+    return (sample(raw_logits, batch.sampling), raw_logits, out.hidden), out.kv, out.aux
 
 
-def _keep_aux(step, names, *args, **static):
+def _logprob_step(bound, treedef, param_leaves, raw_logits, hidden, tokens, logprobs: LogprobBatch, num_top: int):
+    """The logprob numbers of a step where some request asked (serving.logprobs); small (no layers)."""
+    model, _ = bound.bind(jax.tree.unflatten(treedef, param_leaves))
+    return step_logprobs(model, hidden, raw_logits, tokens, logprobs, num_top)
+
+
+def _keep_aux(step, names, *args):
     """`step` returning only the aux outputs in `names`: XLA drops the rest, so they cost nothing."""
-    result, kv, aux = step(*args, **static)
+    result, kv, aux = step(*args)
     return result, kv, {name: aux[name] for name in names if name in aux}
 
 
@@ -154,7 +155,14 @@ class ModelRunner:
         # The CPU path's step only reads the cache (nothing to donate); the Pallas kernels update it in place.
         donate = () if self.attention.head_major else (1,)
         self._step = jax.jit(partial(_keep_aux, partial(_sample_step, *static), self.aux_names),
-                             donate_argnums=donate, static_argnames=("num_top",))
+                             donate_argnums=donate)
+        # Only for steps where a request asks for penalties or logprobs, each on the step's device outputs.
+        # Separate small jits so a new width of an id list compiles in a fraction of a second: the
+        # penalties (per width), the sampler (once per sequence bucket), the logprobs (per width).
+        self._penalise = jax.jit(apply_penalties)
+        self._resample = jax.jit(sample)
+        self._logprobs = jax.jit(partial(_logprob_step, self._bound, self._param_treedef),
+                                 static_argnames=("num_top",))
         self._pool_steps: dict[tuple[str, bool], object] = {}
         self._pool_static = static
         self._write_kv = jax.jit(self.attention.write_layers, donate_argnums=(0,))
@@ -236,10 +244,7 @@ class ModelRunner:
         meta = AttentionMetadata(kv_lens, page_indices, cu_q_lens, np.array([num_seqs], np.int32))
         # Rope tables on the host: inside the jit XLA:CPU fused cos / sin into every layer's rotation.
         rope = rope_tables(positions, *self._rope_frequencies, xp=np)
-        penalties = None if host.penalties is None else PenaltyBatch(**PenaltyBatch.pad(host.penalties, seqs))
-        logprobs = None if host.logprobs is None else LogprobBatch(**LogprobBatch.pad(host.logprobs, seqs))
-        return StepBatch(StepInputs(input_ids, positions, meta, rope), logits_indices, SamplingBatch(**sampling),
-                         penalties, logprobs)
+        return StepBatch(StepInputs(input_ids, positions, meta, rope), logits_indices, SamplingBatch(**sampling))
 
     def _padded(self, host: HostBatch) -> StepBatch:
         return self._pad(host, *self.bucket(len(host.input_ids), len(host.kv_lens)))
@@ -247,11 +252,16 @@ class ModelRunner:
     def run(self, host: HostBatch) -> np.ndarray:
         """Run one sampling step; returns the sampled token of each sequence (`int32[num_seqs]`)."""
         # Host arrays go straight into the jit call: an explicit device_put of the batch cost ~0.7 ms.
-        if host.logprobs is None:
-            tokens = self._run(self._step, self._padded(host), len(host.input_ids))
-            self.last_logprobs = None
-        else:
-            tokens, numbers = self._run(self._step, self._padded(host), len(host.input_ids), num_top=host.num_top)
+        batch = self._padded(host)
+        tokens, raw_logits, hidden = self._run(self._step, batch, len(host.input_ids))
+        self.last_logprobs = None
+        seqs = len(batch.logits_indices)
+        if host.penalties is not None:
+            penalties = PenaltyBatch(**PenaltyBatch.pad(host.penalties, seqs))
+            tokens = self._resample(self._penalise(raw_logits, penalties), batch.sampling)
+        if host.logprobs is not None:
+            logprobs = LogprobBatch(**LogprobBatch.pad(host.logprobs, seqs))
+            numbers = self._logprobs(self._param_leaves, raw_logits, hidden, tokens, logprobs, num_top=host.num_top)
             self.last_logprobs = jax.tree.map(np.asarray, numbers)
         if self.aux_sink is not None and self.last_aux:
             self.aux_sink(self.last_aux, host)
@@ -281,8 +291,8 @@ class ModelRunner:
         segment_ids[:num_tokens] = np.repeat(np.arange(len(q_lens), dtype=np.int32), q_lens)
         return self._pool_steps[key](self._param_leaves, batch, segment_ids)
 
-    def _run(self, step, batch: StepBatch, num_tokens: int, **static):
-        result, kv, aux = step(self._param_leaves, self.kv_pages, batch, **static)
+    def _run(self, step, batch: StepBatch, num_tokens: int):
+        result, kv, aux = step(self._param_leaves, self.kv_pages, batch)
         self.kv_pages = self._write_kv(self.kv_pages, kv) if self.attention.head_major else kv
         # Auxiliary outputs (none for dense models) come back only when a model declares them.
         self.last_aux = {name: np.asarray(value)[:, :num_tokens] if name in PER_TOKEN_AUX else np.asarray(value)
@@ -291,7 +301,8 @@ class ModelRunner:
 
     def precompile(self, progress: bool = True) -> float:
         """Compile (and run once, on an all-padding batch that writes nothing) every bucket of the model's
-        step: the sampling step, or for a pooled model the pooling step with its own method."""
+        step: the sampling step and the penalised steps' resampler, or for a pooled model the pooling step
+        with its own method."""
         start = time.perf_counter()
         empty = HostBatch(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32), [],
                           np.zeros(0, np.int32), {})
@@ -300,7 +311,10 @@ class ModelRunner:
                 jax.block_until_ready(self._run_pooled(self._pad(empty, tokens, seqs), 0, empty.q_lens,
                                                        *self.pooling))
             else:
-                jax.block_until_ready(self._run(self._step, self._pad(empty, tokens, seqs), 0))
+                batch = self._pad(empty, tokens, seqs)
+                _, raw_logits, _ = jax.block_until_ready(self._run(self._step, batch, 0))
+                # The resampler a penalised step runs after the step: one shape per sequence bucket.
+                jax.block_until_ready(self._resample(raw_logits, batch.sampling))
         return time.perf_counter() - start
 
     def reset_kv_cache(self) -> None:

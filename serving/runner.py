@@ -73,8 +73,8 @@ def _forward(bound: BoundParams, treedef, backend: AttentionBackend, param_leave
 
 def _sample_step(bound, treedef, backend, param_leaves, kv_pages, batch: StepBatch):
     """The sampled tokens, plus the raw logits of the sampled rows and the final hidden states: both are
-    computed anyway, and returning them (they stay on device) lets `_post_step` penalise, resample and
-    take logprobs without a second compiled variant of the whole model per shape."""
+    computed anyway, and returning them (they stay on device) lets `run` penalise, resample and take
+    logprobs in small jits, without a second compiled variant of the whole model per shape."""
     model, out = _forward(bound, treedef, backend, param_leaves, kv_pages, batch.inputs)
     raw_logits = model.logits(out.hidden[batch.logits_indices])
     return (sample(raw_logits, batch.sampling), raw_logits, out.hidden), out.kv, out.aux

@@ -9,6 +9,8 @@ PENALTY_TEST_SEED replays the prompts and penalty values.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -176,3 +178,13 @@ def test_bad_values_are_400_and_the_server_keeps_serving(server, sp, message):
     r = server.post("/generate", json={"text": "hi", "sampling_params": sp})
     assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
     assert server.post("/generate", json={"text": "hi", "sampling_params": {"max_new_tokens": 2}}).status_code == 200
+
+
+def test_skip_special_tokens(server, tiny_llama_dir):
+    # logit_bias makes greedy pick <|im_start|> (a special token of the test tokenizer) every time.
+    special = json.loads((tiny_llama_dir / "tokenizer.json").read_text())["added_tokens"][1]
+    sp = {"temperature": 0, "max_new_tokens": 3, "ignore_eos": True, "logit_bias": {str(special["id"]): 100.0}}
+    shown = server.post("/generate", json={"text": "hi", "sampling_params": {**sp, "skip_special_tokens": False}})
+    assert shown.json()["output_ids"] == [special["id"]] * 3
+    assert shown.json()["text"] == special["content"] * 3
+    assert server.post("/generate", json={"text": "hi", "sampling_params": sp}).json()["text"] == ""

@@ -3,9 +3,9 @@
 Nothing here needs a tokenizer, a model or jax: checks that need token counts (context length,
 auto-truncation) belong to the engine. Where SGLang crashes or silently accepts nonsense we are
 stricter and answer 400: out-of-vocabulary `input_ids` (SGLang: not checked); an empty batch; a
-`sampling_params` list whose length differs from the batch size. Features that a later issue brings
-(logprobs, multimodal input, LoRA, sessions, ...) are accepted at their neutral value and otherwise
-rejected with a message that ends with `is not supported yet`.
+`sampling_params` list whose length differs from the batch size. The logprob fields are read by
+`logprob_params.py`. Features that a later issue brings (multimodal input, LoRA, sessions, ...) are
+accepted at their neutral value and otherwise rejected with a message that ends with `is not supported yet`.
 """
 
 from __future__ import annotations

@@ -32,6 +32,8 @@ class SamplingParams:
     - `sampling_seed` defaults to null (SGLang's late-2025 behaviour): the engine derives a seed. A
       given seed makes the request's sampling reproducible; it is any signed 64-bit integer.
     - `n` is what normalization expanded the request by; each expanded item samples once.
+    - `spaces_between_special_tokens` changes nothing, exactly as in SGLang with a fast tokenizer (the
+      only kind we load): transformers' fast decode ignores it, and so does `tokenizers`' decode.
 
     Construction validates ranges (exact contract messages) and rejects features we do not have yet,
     so a SamplingParams that exists is one the engine can run. Type checking of JSON input happens in

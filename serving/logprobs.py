@@ -60,13 +60,27 @@ def _gather(logprobs, targets, token_ids, num_top: int) -> dict[str, jax.Array]:
     return out
 
 
+# Prompt positions whose logits are materialised at once: a long prefill chunk asking for input logprobs
+# would otherwise hold [chunk, vocab] float32 (1.6 GB for 8192 x 49152).
+INPUT_LOGITS_BLOCK = 256
+
+
 def step_logprobs(model, hidden, sampled_logits, tokens, batch: LogprobBatch, num_top: int) -> dict[str, Any]:
-    """Inside the jitted step: the numbers of the module docstring (`output` per row, `input` per
-    needed prompt position). `sampled_logits` are the raw logits of the rows the step samples."""
+    """Inside a jit: the numbers of the module docstring (`output` per row, `input` per needed prompt
+    position, computed INPUT_LOGITS_BLOCK positions at a time). `sampled_logits` are the raw logits of
+    the rows the step samples."""
     output = _gather(jax.nn.log_softmax(sampled_logits, axis=-1), tokens, batch.token_ids, num_top)
-    input_logits = model.logits(hidden[batch.input_indices])
-    inputs = _gather(jax.nn.log_softmax(input_logits, axis=-1), batch.input_targets,
-                     batch.token_ids[batch.input_rows], num_top)
+
+    def input_block(block):
+        indices, targets, rows = block
+        logprobs = jax.nn.log_softmax(model.logits(hidden[indices]), axis=-1)
+        return _gather(logprobs, targets, batch.token_ids[rows], num_top)
+
+    # The position count is a power of two, so it splits into whole blocks.
+    size = min(INPUT_LOGITS_BLOCK, batch.input_indices.shape[0])
+    blocks = tuple(x.reshape(-1, size) for x in (batch.input_indices, batch.input_targets, batch.input_rows))
+    inputs = jax.lax.map(input_block, blocks)
+    inputs = jax.tree.map(lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]), inputs)
     return {"output": output, "input": inputs}
 
 

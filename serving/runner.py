@@ -261,7 +261,8 @@ class ModelRunner:
             tokens = self._resample(self._penalise(raw_logits, penalties), batch.sampling)
         if host.logprobs is not None:
             logprobs = LogprobBatch(**LogprobBatch.pad(host.logprobs, seqs))
-            numbers = self._logprobs(self._param_leaves, raw_logits, hidden, tokens, logprobs, num_top=host.num_top)
+            num_top = min(host.num_top, raw_logits.shape[-1])  # the padded width may pass the vocabulary
+            numbers = self._logprobs(self._param_leaves, raw_logits, hidden, tokens, logprobs, num_top=num_top)
             self.last_logprobs = jax.tree.map(np.asarray, numbers)
         if self.aux_sink is not None and self.last_aux:
             self.aux_sink(self.last_aux, host)

@@ -115,12 +115,13 @@ def test_default_start_and_prefill_only(server, hf_model, rng):
     for t, entry in enumerate(meta["output_token_logprobs"]):
         check_entry(entry, rows[len(prompt) - 1 + t], out["output_ids"][t])
     # max_new_tokens 0: no input entry, still one output entry (the would-be next token; /v1/score uses it).
-    scored = generate(server, input_ids=prompt, return_logprob=True, top_logprobs_num=3,
+    # Asking for the whole vocabulary as top logprobs works too (the padded width exceeds it).
+    scored = generate(server, input_ids=prompt, return_logprob=True, top_logprobs_num=VOCAB,
                       sampling_params={"temperature": 0, "max_new_tokens": 0})["meta_info"]
     assert scored["completion_tokens"] == 0 and scored["input_token_logprobs"] == []
     (entry,) = scored["output_token_logprobs"]
     check_entry(entry, rows[len(prompt) - 1], int(rows[len(prompt) - 1].argmax()))
-    check_top(scored["output_top_logprobs"][0], rows[len(prompt) - 1], 3)
+    check_top(scored["output_top_logprobs"][0], rows[len(prompt) - 1], VOCAB)
 
 
 def test_start_len_inside_a_cached_prefix(server, hf_model, rng):
@@ -187,3 +188,35 @@ def test_bad_logprob_values_are_400(server, body, message):
     assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
     assert server.post("/generate", json={"input_ids": [5, 6, 7], "return_logprob": True,
                                           "sampling_params": {"max_new_tokens": 1}}).status_code == 200
+
+
+def test_step_logprobs_in_blocks_match_numpy(rng, monkeypatch):
+    """The device function alone, with input positions spanning several blocks, against numpy."""
+    import jax.numpy as jnp
+
+    from serving import logprobs as lp
+
+    monkeypatch.setattr(lp, "INPUT_LOGITS_BLOCK", 4)
+    hidden = rng.normal(size=(32, 16)).astype(np.float32)
+    weights = rng.normal(size=(16, 50)).astype(np.float32)
+
+    class Head:
+        def logits(self, rows):
+            return rows @ weights
+
+    def log_softmax(x):
+        x = x.astype(np.float64)
+        return x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
+
+    indices = rng.permutation(32)[:16].astype(np.int32)
+    targets = rng.integers(0, 50, 16).astype(np.int32)
+    rows = rng.integers(0, 2, 16).astype(np.int32)
+    token_ids = rng.integers(0, 50, (2, 3)).astype(np.int32)
+    batch = lp.LogprobBatch(jnp.asarray(token_ids), jnp.asarray(indices), jnp.asarray(targets), jnp.asarray(rows))
+    sampled = hidden[:2] @ weights
+    out = lp.step_logprobs(Head(), jnp.asarray(hidden), jnp.asarray(sampled), jnp.asarray([3, 7]), batch, 4)
+    want = log_softmax(hidden[indices] @ weights)
+    np.testing.assert_allclose(out["input"]["token"], want[np.arange(16), targets], atol=1e-5)
+    np.testing.assert_allclose(out["input"]["top_values"], -np.sort(-want, axis=-1)[:, :4], atol=1e-5)
+    np.testing.assert_allclose(out["input"]["ids"], np.take_along_axis(want, token_ids[rows], -1), atol=1e-5)
+    np.testing.assert_allclose(out["output"]["token"], log_softmax(sampled)[[0, 1], [3, 7]], atol=1e-5)

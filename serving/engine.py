@@ -23,6 +23,7 @@ from typing import Any
 from checkpoints.resolve import resolve_model_dir
 from serving import expert_stats
 from serving.config import enable_compilation_cache, resolve_runtime_config
+from serving.logprobs import new_logprob_record
 from serving.observers import finish_observers, internal_requests, observed_emit
 from serving.pooled_requests import probe_request, run_pooled
 from serving.prefix_cache import PrefixCache
@@ -175,6 +176,7 @@ class Engine:
             max_new_tokens=max_new, seed=seed, stop_ids=stop_ids, stream=stream,
             stream_interval=sp.stream_interval or self.server_args.stream_interval, emit=emit,
             detokenizer=detok,
+            logprobs=None if prefill_only else new_logprob_record(item.logprobs, input_ids, max_new, self.tokenizer),
         )
         if not prefill_only:  # an n > 1 prefix warm-up copy is not a request of its own
             request.emit = observed_emit(request, emit, self.finish_observers)

@@ -8,11 +8,13 @@ resolved for it (seed, effective max_new_tokens, stop ids); the scheduler reads 
 from __future__ import annotations
 
 import enum
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from serving.logprobs import LogprobRecord
 from serving.protocol import FinishReason, Output, SamplingParams
 from serving.tokenizer import IncrementalDetokenizer
 
@@ -49,6 +51,7 @@ class Request:
     # /metrics' queue-time and time-to-first-token histograms observe when the request finishes.
     admitted_at: float | None = None
     first_token_at: float | None = None
+    logprobs: LogprobRecord | None = None  # with return_logprob
 
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose KV is in the cache (the cached prefix included)
@@ -85,6 +88,13 @@ class Request:
             return self.output_ids[start - n : end - n]
         return self.input_ids[start:] + self.output_ids[: end - n]
 
+    def prefix_limit(self) -> int:
+        """How many leading tokens the radix cache may serve (it matches at most this many minus one):
+        the prompt positions whose input logprobs are still to be computed must run."""
+        if self.logprobs is None or self.logprobs.next_input >= self.logprobs.input_end:
+            return self.total_len
+        return min(self.total_len, self.logprobs.next_input + 1)
+
     def banned_ids(self) -> list[int]:
         """Ids masked while `min_new_tokens` is not reached (EOS and stop ids)."""
         return sorted(self.stop_ids) if len(self.output_ids) < self.sampling.min_new_tokens else []
@@ -111,17 +121,25 @@ class Request:
             self.finish_reason = FinishReason.max_length(self.max_new_tokens)
 
     def _check_stop_strings(self, before: int) -> None:
-        stop_strings = self.sampling.stop
+        stop_strings, stop_regex = self.sampling.stop, self.sampling.stop_regex
         # Like SGLang, nothing stops a request before min_new_tokens (stop ids are banned on device).
-        if not stop_strings or len(self.output_ids) < self.sampling.min_new_tokens:
+        if not (stop_strings or stop_regex) or len(self.output_ids) < self.sampling.min_new_tokens:
             return
         text = self.detokenizer.text
-        longest = max(len(s) for s in stop_strings)
-        window_start = max(0, before - longest + 1)
-        hits = [(text.find(s, window_start), s) for s in stop_strings]
-        hits = [(i, s) for i, s in hits if i >= 0]
+        hits = []
+        if stop_strings:
+            longest = max(len(s) for s in stop_strings)
+            window_start = max(0, before - longest + 1)
+            hits = [(i, s) for i, s in ((text.find(s, window_start), s) for s in stop_strings) if i >= 0]
+        # A regex may match text of any length, so it is searched over the whole text (re caches the
+        # compiled pattern); any earlier match would have stopped the request at an earlier token.
+        for pattern in stop_regex:
+            match = re.search(pattern, text)
+            if match:
+                hits.append((match.start(), pattern))
         if hits:
             index, stop = min(hits)
+            # finish_reason names the stop string, or the regex pattern (contract 3.5).
             self.finish_reason = FinishReason.stop_string(stop)
             self._text = text if self.sampling.no_stop_trim else text[:index]
 
@@ -151,6 +169,7 @@ class Request:
             finish_reason=self.finish_reason, prompt_tokens=len(self.input_ids),
             completion_tokens=len(self.output_ids), cached_tokens=self.cached_tokens or 0,
             retractions=self.retractions, embedding=self.pooled,
+            logprobs=None if self.logprobs is None else self.logprobs.meta(),
         )
 
     def maybe_emit(self) -> None:

@@ -34,6 +34,8 @@ from model.registry import model_class_for
 from serving.config import RuntimeConfig
 from serving.expert_stats import aux_outputs_for
 from serving.kv_cache import KVCacheSpec, allocate_kv_pages, params_bytes, plan_kv_cache
+from serving.logprobs import LogprobBatch, step_logprobs
+from serving.penalties import PenaltyBatch, apply_penalties
 from serving.sampler import SamplingBatch, sample
 
 logger = logging.getLogger(__name__)
@@ -59,6 +61,9 @@ class HostBatch:
     page_indices: list[list[int]]  # per sequence
     q_lens: np.ndarray  # int32[num_seqs]
     sampling: dict[str, np.ndarray]  # SamplingBatch fields, [num_seqs]
+    penalties: dict[str, np.ndarray] | None = None  # PenaltyBatch fields (serving.penalties)
+    logprobs: dict[str, np.ndarray] | None = None  # LogprobBatch fields (serving.logprobs)
+    num_top: int = 0  # top logprobs per position (a static width of the logprob step)
 
 
 def _forward(bound: BoundParams, treedef, backend: AttentionBackend, param_leaves, kv_pages, inputs: StepInputs):
@@ -67,9 +72,18 @@ def _forward(bound: BoundParams, treedef, backend: AttentionBackend, param_leave
 
 
 def _sample_step(bound, treedef, backend, param_leaves, kv_pages, batch: StepBatch):
+    """The sampled tokens, plus the raw logits of the sampled rows and the final hidden states: both are
+    computed anyway, and returning them (they stay on device) lets `run` penalise, resample and take
+    logprobs in small jits, without a second compiled variant of the whole model per shape."""
     model, out = _forward(bound, treedef, backend, param_leaves, kv_pages, batch.inputs)
-    tokens = sample(model.logits(out.hidden[batch.logits_indices]), batch.sampling)
-    return tokens, out.kv, out.aux
+    raw_logits = model.logits(out.hidden[batch.logits_indices])
+    return (sample(raw_logits, batch.sampling), raw_logits, out.hidden), out.kv, out.aux
+
+
+def _logprob_step(bound, treedef, param_leaves, raw_logits, hidden, tokens, logprobs: LogprobBatch, num_top: int):
+    """The logprob numbers of a step where some request asked (serving.logprobs); small (no layers)."""
+    model, _ = bound.bind(jax.tree.unflatten(treedef, param_leaves))
+    return step_logprobs(model, hidden, raw_logits, tokens, logprobs, num_top)
 
 
 def _keep_aux(step, names, *args):
@@ -133,6 +147,7 @@ class ModelRunner:
         self.pages_per_seq = -(-self.context_length // config.page_size)
         self.kv_pages = allocate_kv_pages(self.kv_spec)
         self.last_aux: dict[str, np.ndarray] = {}  # the last step's auxiliary outputs (model.interface)
+        self.last_logprobs: dict | None = None  # the last step's logprob numbers, when it computed any
         # The aux outputs the step returns (the expert recorder's), and who gets them after each `run`.
         self.aux_names = aux_outputs_for(config.expert_recorder_mode)
         self.aux_sink = None  # Callable[[dict[str, np.ndarray], HostBatch], None]
@@ -141,6 +156,13 @@ class ModelRunner:
         donate = () if self.attention.head_major else (1,)
         self._step = jax.jit(partial(_keep_aux, partial(_sample_step, *static), self.aux_names),
                              donate_argnums=donate)
+        # Only for steps where a request asks for penalties or logprobs, each on the step's device outputs.
+        # Separate small jits so a new width of an id list compiles in a fraction of a second: the
+        # penalties (per width), the sampler (once per sequence bucket), the logprobs (per width).
+        self._penalise = jax.jit(apply_penalties)
+        self._resample = jax.jit(sample)
+        self._logprobs = jax.jit(partial(_logprob_step, self._bound, self._param_treedef),
+                                 static_argnames=("num_top",))
         self._pool_steps: dict[tuple[str, bool], object] = {}
         self._pool_static = static
         self._write_kv = jax.jit(self.attention.write_layers, donate_argnums=(0,))
@@ -230,7 +252,18 @@ class ModelRunner:
     def run(self, host: HostBatch) -> np.ndarray:
         """Run one sampling step; returns the sampled token of each sequence (`int32[num_seqs]`)."""
         # Host arrays go straight into the jit call: an explicit device_put of the batch cost ~0.7 ms.
-        tokens = self._run(self._step, self._padded(host), len(host.input_ids))
+        batch = self._padded(host)
+        tokens, raw_logits, hidden = self._run(self._step, batch, len(host.input_ids))
+        self.last_logprobs = None
+        seqs = len(batch.logits_indices)
+        if host.penalties is not None:
+            penalties = PenaltyBatch(**PenaltyBatch.pad(host.penalties, seqs))
+            tokens = self._resample(self._penalise(raw_logits, penalties), batch.sampling)
+        if host.logprobs is not None:
+            logprobs = LogprobBatch(**LogprobBatch.pad(host.logprobs, seqs))
+            num_top = min(host.num_top, raw_logits.shape[-1])  # the padded width may pass the vocabulary
+            numbers = self._logprobs(self._param_leaves, raw_logits, hidden, tokens, logprobs, num_top=num_top)
+            self.last_logprobs = jax.tree.map(np.asarray, numbers)
         if self.aux_sink is not None and self.last_aux:
             self.aux_sink(self.last_aux, host)
         return np.asarray(tokens)[: len(host.kv_lens)]
@@ -269,7 +302,8 @@ class ModelRunner:
 
     def precompile(self, progress: bool = True) -> float:
         """Compile (and run once, on an all-padding batch that writes nothing) every bucket of the model's
-        step: the sampling step, or for a pooled model the pooling step with its own method."""
+        step: the sampling step and the penalised steps' resampler, or for a pooled model the pooling step
+        with its own method."""
         start = time.perf_counter()
         empty = HostBatch(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32), [],
                           np.zeros(0, np.int32), {})
@@ -278,7 +312,10 @@ class ModelRunner:
                 jax.block_until_ready(self._run_pooled(self._pad(empty, tokens, seqs), 0, empty.q_lens,
                                                        *self.pooling))
             else:
-                jax.block_until_ready(self._run(self._step, self._pad(empty, tokens, seqs), 0))
+                batch = self._pad(empty, tokens, seqs)
+                _, raw_logits, _ = jax.block_until_ready(self._run(self._step, batch, 0))
+                # The resampler a penalised step runs after the step: one shape per sequence bucket.
+                jax.block_until_ready(self._resample(raw_logits, batch.sampling))
         return time.perf_counter() - start
 
     def reset_kv_cache(self) -> None:

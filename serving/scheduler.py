@@ -27,6 +27,8 @@ import numpy as np
 
 from serving.config import RuntimeConfig
 from serving.faults import StepWatchdog, recover_lost_cache, step_failed
+from serving.logprobs import build_logprob_plan
+from serving.penalties import build_penalties
 from serving.prefix_cache import PrefixCache
 from serving.protocol import FinishReason
 from serving.request import Request, Task
@@ -169,8 +171,15 @@ class Scheduler:
         try:
             # A pooled model's step returns one vector per sequence instead of a token (a server runs
             # one task, so a batch never mixes them).
-            run = self.runner.run if batch[0][0].task is Task.GENERATE else self.runner.run_pool
-            tokens = run(self._host_batch(batch))
+            generate = batch[0][0].task is Task.GENERATE
+            run = self.runner.run if generate else self.runner.run_pool
+            host = self._host_batch(batch)
+            plan = build_logprob_plan(batch) if generate else None
+            if plan is not None:
+                host.logprobs, host.num_top = plan.host, plan.num_top
+            tokens = run(host)
+            if plan is not None:  # before process(), whose snapshots carry the entries
+                plan.record(self.runner.last_logprobs, tokens)
         except Exception as exc:  # a failed step must not take the server down
             logger.exception("step failed")
             tokens = None
@@ -294,7 +303,7 @@ class Scheduler:
         whole = request.task is not Task.GENERATE
         if whole and request.total_len > budget:
             return 0
-        handle = self.cache.acquire_prefix([] if whole else request.tokens(0, request.total_len))
+        handle = self.cache.acquire_prefix([] if whole else request.tokens(0, request.prefix_limit()))
         start = handle.num_tokens
         chunk = request.total_len if whole else min(request.total_len - start, budget, self.chunk_size)
         # Keep a page per running request in reserve so admitting does not force immediate retraction.
@@ -362,7 +371,8 @@ class Scheduler:
         arrays = {key: np.asarray([row[key] for row in rows], dtype) for key, dtype in _SAMPLER_DTYPES.items()}
         arrays["banned_ids"] = banned
         return HostBatch(np.asarray(ids, np.int32), np.asarray(positions, np.int32),
-                         np.asarray(kv_lens, np.int32), pages, np.asarray(q_lens, np.int32), arrays)
+                         np.asarray(kv_lens, np.int32), pages, np.asarray(q_lens, np.int32), arrays,
+                         penalties=build_penalties([r for r, _ in batch]))
 
     def process(self, batch: list[tuple[Request, int]], tokens: np.ndarray) -> int:
         """Apply a step's sampled tokens; returns how many tokens it generated."""

@@ -84,6 +84,8 @@ def test_sampling_defaults_match_contract():
         ({"regex": "a", "ebnf": "root ::= 'a'"}, "Only one of regex, json_schema, or ebnf can be set."),
         ({"logit_bias": {"1000": 1.0}}, "logit_bias must has keys in [0, 999], got 1000."),
         ({"logit_bias": {"-1": 1.0}}, "logit_bias must has keys in [0, 999], got -1."),
+        ({"stop_regex": "a("}, "stop_regex 'a(' is not a valid regular expression: missing ), unterminated "
+                               "subpattern at position 1."),
         ({"n": 0}, "n must be at least 1, got 0."),
         ({"stream_interval": 0}, "stream_interval must be at least 1, got 0."),
         ({"sampling_seed": 2**63}, f"sampling_seed must be a signed 64-bit integer, got {2**63}."),
@@ -98,16 +100,10 @@ def test_sampling_range_messages(params, message):
 @pytest.mark.parametrize(
     ("params", "feature"),
     [
-        ({"frequency_penalty": 0.5}, "frequency_penalty"),
-        ({"presence_penalty": -1.0}, "presence_penalty"),
-        ({"repetition_penalty": 1.2}, "repetition_penalty"),
         ({"json_schema": "{}"}, "json_schema"),
         ({"regex": "[a-z]+"}, "regex"),
         ({"ebnf": "root ::= 'a'"}, "ebnf"),
         ({"structural_tag": "{}"}, "structural_tag"),
-        ({"stop_regex": "a+"}, "stop_regex"),
-        ({"stop_regex": ["a+"]}, "stop_regex"),
-        ({"logit_bias": {"5": 1.0}}, "logit_bias"),
         ({"custom_params": {}}, "custom_params"),
     ],
 )
@@ -246,7 +242,8 @@ def test_single_text_defaults():
     assert out.is_batch is False and out.stream is False and out.n == 1
     (item,) = out.items
     assert isinstance(item, GenerateItem)
-    index, rid, text, input_ids, sampling = item
+    index, rid, text, input_ids, sampling, logprobs = item
+    assert logprobs is None
     assert index == 0 and HEX32.match(rid) and text == "What is the capital of France?" and input_ids is None
     assert sampling == SamplingParams()
 
@@ -325,10 +322,6 @@ def test_skip_tokenizer_init_rejects_text_but_not_ids():
         ({"text": "a", "image_data": "http://x/y.png"}, "image_data"),
         ({"text": "a", "video_data": ["v.mp4"]}, "video_data"),
         ({"text": "a", "audio_data": "a.wav"}, "audio_data"),
-        ({"text": "a", "return_logprob": True}, "return_logprob"),
-        ({"text": ["a", "b"], "return_logprob": [False, True]}, "return_logprob"),
-        ({"text": "a", "token_ids_logprob": [1, 2]}, "token_ids_logprob"),
-        ({"text": ["a", "b"], "token_ids_logprob": [[], [3]]}, "token_ids_logprob"),
         ({"text": "a", "lora_path": "adapter"}, "lora_path"),
         ({"text": ["a", "b"], "lora_path": [None, "adapter"]}, "lora_path"),
         ({"text": "a", "session_params": {"id": "s"}}, "session_params"),

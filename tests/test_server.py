@@ -241,7 +241,7 @@ BAD_REQUESTS = [
     ({"text": "hi", "sampling_params": {"top_k": 0}}, "top_k must be -1 (disable) or at least 1, got 0."),
     ({"text": "hi", "sampling_params": {"max_new_tokens": -1}}, "max_new_tokens must be at least 0, got -1."),
     ({"text": "hi", "sampling_params": {"bogus": 1}}, "Unknown sampling parameter 'bogus'"),
-    ({"text": "hi", "sampling_params": {"frequency_penalty": 0.5}}, "not supported yet"),
+    ({"text": "hi", "sampling_params": {"frequency_penalty": 2.5}}, "frequency_penalty must be in [-2, 2], got 2.5."),
     ({"input_ids": [1, 2, 100000]}, "out of vocabulary"),
     ({"input_ids": list(range(1, 300))}, "is longer than the model's context length (256 tokens)"),
     ({"text": ["a", "b"], "rid": ["x"]}, "The specified rids length mismatch with the batch_size for batch processing."),

@@ -3,9 +3,9 @@
 Nothing here needs a tokenizer, a model or jax: checks that need token counts (context length,
 auto-truncation) belong to the engine. Where SGLang crashes or silently accepts nonsense we are
 stricter and answer 400: out-of-vocabulary `input_ids` (SGLang: not checked); an empty batch; a
-`sampling_params` list whose length differs from the batch size. Features that a later issue brings
-(logprobs, multimodal input, LoRA, sessions, ...) are accepted at their neutral value and otherwise
-rejected with a message that ends with `is not supported yet`.
+`sampling_params` list whose length differs from the batch size. The logprob fields are read by
+`logprob_params.py`. Features that a later issue brings (multimodal input, LoRA, sessions, ...) are
+accepted at their neutral value and otherwise rejected with a message that ends with `is not supported yet`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 from serving.protocol.errors import RequestError, schema_error, unsupported
 from serving.protocol.json_checks import describe, is_int, is_int_list, is_str_list
+from serving.protocol.logprob_params import LogprobOptions, parse_logprob_fields
 from serving.protocol.sampling import SamplingParams, merge_preferred, sampling_type_error
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class GenerateItem(NamedTuple):
     text: str | None
     input_ids: list[int] | None
     sampling: SamplingParams
+    logprobs: LogprobOptions | None = None  # with return_logprob
 
 
 @dataclass
@@ -202,19 +204,7 @@ def _check_per_item_fields(body: dict, n: int) -> None:
             raise schema_error(f"{name} must be {expected}, got {describe(body.get(name))}.")
         return values
 
-    if any(check_types("return_logprob", lambda x: isinstance(x, bool), "a boolean or a list of booleans")):
-        raise unsupported("return_logprob")
-    check_types("logprob_start_len", is_int, "an integer or a list of integers")
-    # Read only with return_logprob (refused above), so any count is ignored, as SGLang does.
-    check_types("top_logprobs_num", is_int, "an integer or a list of integers")
-    if token_ids_logprob is not None:
-        rows = token_ids_logprob if token_ids_logprob and isinstance(token_ids_logprob[0], list) else [
-            token_ids_logprob]
-        if not isinstance(token_ids_logprob, list) or not all(is_int_list(r) for r in rows):
-            raise schema_error("token_ids_logprob must be a list of token ids or a list of such lists, "
-                          f"got {describe(token_ids_logprob)}.")
-        if any(rows):
-            raise unsupported("token_ids_logprob")
+    # The logprob fields are read by serving.protocol.logprob_params.
     if any(check_types("return_hidden_states", lambda x: isinstance(x, bool), "a boolean or a list of booleans")):
         raise RequestError(_HIDDEN_STATES)
     if check_types("custom_logit_processor", lambda x: isinstance(x, str), "a string or a list of strings"):
@@ -266,6 +256,7 @@ def parse_generate_request(
     stream = _bool_field(body, "stream", False)
     _bool_field(body, "return_text_in_logprobs", False)
     _check_per_item_fields(body, n)
+    logprobs = parse_logprob_fields(body, batch_size, vocab_size)
 
     for prompt_idx in range(batch_size):
         if ids is None:
@@ -296,5 +287,6 @@ def parse_generate_request(
         input_ids = ids[prompt_idx] if ids is not None else None
         for sample_idx in range(n):
             rid = rids[prompt_idx] if n == 1 else _new_rid()
-            items.append(GenerateItem(prompt_idx * n + sample_idx, rid, text, input_ids, sampling[prompt_idx]))
+            items.append(GenerateItem(prompt_idx * n + sample_idx, rid, text, input_ids, sampling[prompt_idx],
+                                      logprobs[prompt_idx]))
     return NormalizedGenerate(is_batch=not is_single or n > 1, stream=stream, items=items, n=n)

@@ -90,6 +90,8 @@ class Output:
     cached_tokens: int
     retractions: int
     embedding: list[float] | None = None  # a pooled request's vector (embedding or scores)
+    # With return_logprob: the meta_info logprob keys (contract 3.6), cumulative.
+    logprobs: dict[str, list] | None = None
 
     @property
     def finished(self) -> bool:
@@ -121,8 +123,8 @@ class GenerateFormatter:
             "id": out.rid,
             "finish_reason": out.finish_reason.to_dict() if out.finish_reason is not None else None,
             "prompt_tokens": out.prompt_tokens, "weight_version": self.weight_version,
-            "total_retractions": out.retractions, "completion_tokens": out.completion_tokens,
-            "cached_tokens": out.cached_tokens,
+            "total_retractions": out.retractions, **(out.logprobs or {}),
+            "completion_tokens": out.completion_tokens, "cached_tokens": out.cached_tokens,
         }
         if out.finished or not self.stream:
             meta["e2e_latency"] = time.perf_counter() - self.start

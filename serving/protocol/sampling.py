@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,8 @@ class SamplingParams:
     - `sampling_seed` defaults to null (SGLang's late-2025 behaviour): the engine derives a seed. A
       given seed makes the request's sampling reproducible; it is any signed 64-bit integer.
     - `n` is what normalization expanded the request by; each expanded item samples once.
+    - `spaces_between_special_tokens` changes nothing, exactly as in SGLang with a fast tokenizer (the
+      only kind we load): transformers' fast decode ignores it, and so does `tokenizers`' decode.
 
     Construction validates ranges (exact contract messages) and rejects features we do not have yet,
     so a SamplingParams that exists is one the engine can run. Type checking of JSON input happens in
@@ -99,20 +102,15 @@ class SamplingParams:
             raise RequestError(f"stream_interval must be at least 1, got {self.stream_interval}.")
         if self.sampling_seed is not None and not _INT64_MIN <= self.sampling_seed <= _INT64_MAX:
             raise RequestError(f"sampling_seed must be a signed 64-bit integer, got {self.sampling_seed}.")
+        for pattern in self.stop_regex:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise RequestError(f"stop_regex {pattern!r} is not a valid regular expression: {exc}.") from None
         # Features a later issue brings: accepted only at their neutral value.
-        if self.frequency_penalty != 0:
-            raise unsupported("frequency_penalty other than 0")
-        if self.presence_penalty != 0:
-            raise unsupported("presence_penalty other than 0")
-        if self.repetition_penalty != 1:
-            raise unsupported("repetition_penalty other than 1")
         for key in ("json_schema", "regex", "ebnf", "structural_tag"):
             if getattr(self, key) is not None:
                 raise unsupported(f"Constrained decoding ({key})")
-        if self.stop_regex:
-            raise unsupported("stop_regex")
-        if self.logit_bias:
-            raise unsupported("logit_bias")
         if self.custom_params is not None:
             raise unsupported("custom_params")
         # Normalize representations only after the messages above printed the values as given.

@@ -63,6 +63,10 @@ class Scheduler:
         self.invariant_errors = 0
         self.idle_calls: list[tuple[Callable[[], Any], Future]] = []
         self.held: list[Request] = []  # arrived while an idle call waits
+        # Halted: no step runs while generation is paused (serving/pause.py: "abort", "retract" or
+        # "in_place") or device memory is released (serving/memory.py); requests wait in the queue.
+        self.pause_mode: str | None = None
+        self.released: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
 
@@ -96,18 +100,31 @@ class Scheduler:
         self.inbox.put(("call_idle", (fn, future)))
         return future
 
+    @property
+    def halted(self) -> bool:
+        return self.pause_mode is not None or bool(self.released)
+
+    def retract_all(self) -> None:
+        """Retract every running request (a pause in retract mode): each one's KV goes to the radix
+        cache and it waits at the front of the queue, in its order, to re-prefill after the pause."""
+        for request in reversed(list(self.running)):
+            self._retract(request)
+
     # -- the loop ---------------------------------------------------------------------------------
     def _loop(self) -> None:
         idle_checked = False
         while not self._stop.is_set():
-            busy = bool(self.waiting or self.running)
+            busy = bool(self.waiting or self.running) and not self.halted
             self.drain_inbox(block=not busy)
-            if self.idle_calls and not (self.waiting or self.running):
+            # Halted, a weight swap runs at once (SGLang: "if generation is paused it runs immediately").
+            if self.idle_calls and (self.halted or not (self.waiting or self.running)):
                 for call in self.idle_calls:
                     _run_call(*call)
                 self.idle_calls.clear()
                 self.waiting.extend(self.held)
                 self.held.clear()
+            if self.halted:
+                continue
             if not (self.waiting or self.running):
                 if not idle_checked:
                     idle_checked = True
@@ -372,7 +389,10 @@ class Scheduler:
                 "num_tokens": used + queued}
 
     def flush(self) -> bool:
-        if self.running or self.waiting or self.held:
+        """Drop the prefix cache; refused while requests run or wait, except that requests waiting
+        while generation is halted hold no pages (retracted or never admitted): a flush then proceeds,
+        so a pause in retract mode followed by a flush cannot deadlock."""
+        if self.running or ((self.waiting or self.held) and not self.halted):
             return False
         return self.cache.flush()
 

@@ -15,7 +15,7 @@ from sanic import response as sanic_response
 from sanic.exceptions import MethodNotAllowed, NotFound
 
 from serving.engine import Engine
-from serving.http import experts, native, openai, pooling
+from serving.http import experts, native, openai, pooling, weights
 from serving.http.envelopes import BadBody, dumps, schema_error
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ def create_app(engine: Engine) -> Sanic:
     pooling.register(app, engine)
     openai.register(app, engine)
     experts.register(app, engine)
+    weights.register(app, engine)
 
     @app.after_server_start
     async def warm_up(app: Sanic):

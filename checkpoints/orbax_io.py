@@ -57,7 +57,7 @@ def pytree_dir(directory: Path) -> Path:
 def save_state(state: nnx.State, directory: Path) -> None:
     """Write `state` (an NNX param state) to `directory`, which must not exist yet."""
     with _checkpointer() as checkpointer:
-        checkpointer.save(Path(directory).absolute(), state.to_pure_dict())
+        checkpointer.save(Path(directory).absolute(), nnx.to_pure_dict(state))
 
 
 def _flatten(tree, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:

@@ -98,8 +98,9 @@ def restore_state(model: nnx.Module, directory: Path, dtype, *, sharding_for: Sh
         if path not in stored:
             raise CheckpointError(f"missing tensor {name_map.to_hf_name(path)!r} in {directory}")
         if stored[path][0] != tuple(leaf.shape):
-            raise CheckpointError(f"tensor {name_map.to_hf_name(path)!r} has shape {stored[path][0]} in {directory}, "
-                                  f"expected {tuple(leaf.shape)} (param {'.'.join(path)})")
+            raise CheckpointError(f"tensor {name_map.to_hf_name(path)!r} has shape "
+                                  f"{name_map.to_hf_shape(path, stored[path][0])} in {directory}, expected "
+                                  f"{name_map.to_hf_shape(path, leaf.shape)}")
     extra = sorted(set(stored) - set(ours))
     if extra:
         raise CheckpointError(f"unexpected tensor {'.'.join(extra[0])!r} in {directory} for {model.config.architecture}")

@@ -187,9 +187,10 @@ class ModelRunner:
         for path, mine in nnx.to_flat_state(nnx.state(self._abstract, nnx.Param)):
             other = theirs.get(path)
             if other is None or other.shape != mine.shape:
-                name = name_map.to_hf_name(tuple(str(k) for k in path))
-                raise ValueError(f"tensor {name!r} has shape {None if other is None else tuple(other.shape)} in the "
-                                 f"new checkpoint, {tuple(mine.shape)} in the served model")
+                path = tuple(str(k) for k in path)
+                theirs_shape = None if other is None else name_map.to_hf_shape(path, other.shape)
+                raise ValueError(f"tensor {name_map.to_hf_name(path)!r} has shape {theirs_shape} in the new checkpoint, "
+                                 f"{name_map.to_hf_shape(path, mine.shape)} in the served model")
         params, _ = arrange_params(self._abstract, self._load(Path(model_dir)), unroll=self.runtime.unroll_layers)
         return params
 

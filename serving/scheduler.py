@@ -63,8 +63,7 @@ class Scheduler:
         self.invariant_errors = 0
         self.idle_calls: list[tuple[Callable[[], Any], Future]] = []
         self.held: list[Request] = []  # arrived while an idle call waits
-        # Halted: no step runs while generation is paused (serving/pause.py: "abort", "retract" or
-        # "in_place") or device memory is released (serving/memory.py); requests wait in the queue.
+        # Halted (no step runs, requests wait): generation paused (pause.py) or memory released (memory.py).
         self.pause_mode: str | None = None
         self.released: set[str] = set()
         self._stop = threading.Event()
@@ -105,8 +104,7 @@ class Scheduler:
         return self.pause_mode is not None or bool(self.released)
 
     def retract_all(self) -> None:
-        """Retract every running request (a pause in retract mode): each one's KV goes to the radix
-        cache and it waits at the front of the queue, in its order, to re-prefill after the pause."""
+        """Retract every running request, keeping their order at the front of the queue (pause.py)."""
         for request in reversed(list(self.running)):
             self._retract(request)
 
@@ -389,10 +387,10 @@ class Scheduler:
                 "num_tokens": used + queued}
 
     def flush(self) -> bool:
-        """Drop the prefix cache; refused while requests run or wait, except that requests waiting
-        while generation is halted hold no pages (retracted or never admitted): a flush then proceeds,
-        so a pause in retract mode followed by a flush cannot deadlock."""
-        if self.running or ((self.waiting or self.held) and not self.halted):
+        """Drop the prefix cache; refused while requests run or wait. Requests held behind an idle call
+        (a weight swap that flushes) and, halted, waiting ones hold no pages: a flush after a pause in
+        retract mode goes through (an RL framework deadlocked on it)."""
+        if self.running or (self.waiting and not self.halted):
             return False
         return self.cache.flush()
 

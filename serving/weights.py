@@ -6,7 +6,8 @@ the new params are complete and checked (same architecture, every tensor's shape
 kind leaves the old weights serving. The swap itself runs on the scheduler thread between two steps,
 once the requests admitted before it have finished (or at once while generation is paused): each
 request runs on one set of weights from its first token to its last, and requests arriving meanwhile
-wait and run on the new ones. The old params' device memory goes back when the swap drops them.
+wait and run on the new ones. With `is_async` the swap does not wait: requests in flight continue on
+the new weights from the next step, and the cache flush waits for them to finish. The old params' device memory goes back when the swap drops them.
 """
 
 from __future__ import annotations
@@ -67,15 +68,22 @@ class WeightControl:
         if request.abort_all_requests:
             scheduler.abort("", abort_all=True, cause="update_weights_from_disk abort_all_requests")
 
-        def swap() -> None:
+        def swap() -> bool:
+            """Runs on the scheduler thread; False when a requested flush could not happen yet."""
             engine.runner.params = params
             scheduler.released.discard("weights")  # new weights are on the device even if released before
-            if request.flush_cache:
-                scheduler.flush()
             if request.keep_pause and scheduler.pause_mode is None:
                 scheduler.pause_mode = "in_place"
+            return not request.flush_cache or scheduler.flush()
 
-        await asyncio.wrap_future(scheduler.call_when_idle(swap))
+        # is_async (SGLang: no writer lock): between the next two steps, requests in flight go on with the
+        # new weights (their KV so far is the old weights'); else once the requests admitted have finished.
+        flushed = await asyncio.wrap_future(scheduler.call(swap) if request.is_async
+                                            else scheduler.call_when_idle(swap))
+        if not flushed and request.is_async:
+            # Pages of the old weights' KV are held by the requests in flight: flush once they finish;
+            # requests arriving until then wait for it, so none reuses KV computed with the old weights.
+            scheduler.call_when_idle(scheduler.flush)
         engine.model_dir = model_dir
         engine.model_path = engine.served_model_name = request.model_path
         self.load_format = load_format

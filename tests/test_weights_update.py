@@ -18,7 +18,7 @@ from checkpoints.convert import main as convert_main
 from tests.conftest import ServerProcess, make_tiny_checkpoint, replayable_seed
 from tests.hf_reference import assert_greedy
 
-FLAGS = ("--page-size", "4", "--max-total-tokens", "2048", "--max-running-requests", "8",
+FLAGS = ("--page-size", "4", "--max-total-tokens", "2048", "--max-running-requests", "16",
          "--chunked-prefill-size", "32", "--random-seed", "0")
 
 
@@ -150,13 +150,25 @@ def test_an_update_while_16_streams_run_loses_no_request(server, checkpoints, hf
     for t in threads:
         t.start()
     started.wait()  # every stream has its first chunk: all 16 were admitted before the update
-    assert update(server, checkpoints["b"], weight_version="v-streams").json()["success"] is True
+    replies = []
+    updater = threading.Thread(target=lambda: replies.append(update(server, checkpoints["b"]).json()))
+    updater.start()
+    # Sent while the update runs: on the old weights if it reached the scheduler before the swap was
+    # queued (the new weights are read first), else held and run on the new ones, with none of the old
+    # weights' KV for its prompt (which the streams cached) reused. Either way on one set only.
+    late = greedy(server, prompts[0])
+    updater.join()
+    assert replies[0]["success"] is True
     for t in threads:
         t.join()
     for prompt, chunks in zip(prompts, results, strict=True):
         last = chunks[-1]
         assert last["meta_info"]["finish_reason"] == {"type": "length", "length": 24}
         assert_greedy(hf["a"], prompt, last["output_ids"], 24, "a stream that started before the update")
+    try:
+        assert_greedy(hf["a"], prompts[0], late["output_ids"], 8, "sent during the update")
+    except AssertionError:
+        assert_greedy(hf["b"], prompts[0], late["output_ids"], 8, "sent during the update")
     assert_greedy(hf["b"], prompts[0], greedy(server, prompts[0])["output_ids"], 8, "after the update")
 
 
@@ -208,7 +220,44 @@ def test_update_weight_version_is_reported_everywhere(server, rng):
     assert server.post("/update_weight_version", json={}).status_code == 400
 
 
-def test_is_async_and_token_step_are_refused(server, checkpoints):
-    for fields, what in (({"is_async": True}, "is_async true"), ({"token_step": 3}, "token_step")):
-        reply = update(server, checkpoints["a"], **fields)
-        assert reply.status_code == 400 and reply.json() == {"error": {"message": f"{what} is not supported yet"}}
+def test_token_step_is_refused(server, checkpoints):
+    reply = update(server, checkpoints["a"], token_step=3)
+    assert reply.status_code == 400 and reply.json() == {"error": {"message": "token_step is not supported yet"}}
+
+
+def test_is_async_swaps_without_waiting_for_requests_in_flight(server, checkpoints, hf, rng):
+    assert update(server, checkpoints["a"], load_format="auto").json()["success"] is True
+    ids = rng.integers(3, 384, size=5).tolist()
+    chunks, first = [], threading.Event()
+
+    def stream() -> None:
+        body = {"input_ids": ids, "stream": True, "sampling_params": {"temperature": 0, "max_new_tokens": 240,
+                                                                      "ignore_eos": True}}
+        with requests.post(server.url + "/generate", json=body, stream=True, timeout=300) as response:
+            for line in response.iter_lines(decode_unicode=True):
+                if line and line != "data: [DONE]":
+                    chunks.append(json.loads(line[len("data: "):]))
+                    first.set()
+
+    worker = threading.Thread(target=stream)
+    worker.start()
+    assert first.wait(120)
+    assert update(server, checkpoints["b"], is_async=True).json()["success"] is True
+    worker.join(300)  # the request in flight went on (on the new weights from the swap on) and finished
+    assert chunks[-1]["meta_info"]["finish_reason"] == {"type": "length", "length": 240}
+    assert_greedy(hf["b"], ids, greedy(server, ids)["output_ids"], 8, "after an is_async update")
+
+
+def test_a_server_starts_from_an_orbax_checkpoint_and_updates_from_safetensors(checkpoints, hf, rng):
+    proc = ServerProcess(checkpoints["c-orbax"], *FLAGS, "--load-format", "orbax")
+    try:
+        ids = rng.integers(3, 384, size=6).tolist()
+        out = greedy(proc, ids)
+        assert_greedy(hf["c"], ids, out["output_ids"], 8, "served from Orbax")
+        assert out["text"]  # the tokenizer copied beside the params is served
+        assert update(proc, checkpoints["b"], load_format="auto").json()["success"] is True
+        assert_greedy(hf["b"], ids, greedy(proc, ids)["output_ids"], 8, "Orbax server updated from safetensors")
+        assert update(proc, checkpoints["c-orbax"]).json()["success"] is True  # auto: remembered from the last
+        assert_greedy(hf["c"], ids, greedy(proc, ids)["output_ids"], 8, "and back from Orbax")
+    finally:
+        assert proc.stop() == 0

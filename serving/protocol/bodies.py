@@ -20,8 +20,7 @@ def parse_abort_request(body: object) -> tuple[str, bool]:
 class UpdateWeightsRequest:
     """POST /update_weights_from_disk body (contract 5.5). `load_format` None = the server's current
     `--load-format`. The CUDA-only knobs (torch_empty_cache, recapture_cuda_graph) are accepted and
-    have nothing to do on our runtime; `is_async` true and a non-zero `token_step` are refused (not
-    supported yet)."""
+    have nothing to do on our runtime; a non-zero `token_step` is refused (not supported yet)."""
 
     model_path: str
     load_format: str | None = None
@@ -45,8 +44,6 @@ def parse_update_weights_request(body: object) -> UpdateWeightsRequest:
         kwargs[f.name] = read_field(body, f.name, kind, default)
     if not kwargs["model_path"]:
         raise RequestError("model_path cannot be empty.")
-    if kwargs["is_async"]:
-        raise unsupported("is_async true")
     if kwargs["token_step"] != 0:
         raise unsupported("token_step")
     return UpdateWeightsRequest(**kwargs)

@@ -160,6 +160,11 @@ class ModelRunner:
         return nnx.eval_shape(lambda: cls(config, dtype=self.dtype, rngs=nnx.Rngs(0), **options))
 
     @property
+    def abstract_model(self):
+        """The model's structure without arrays (param paths and shapes, the unarranged layout)."""
+        return self._abstract
+
+    @property
     def params(self):
         return jax.tree.unflatten(self._param_treedef, self._param_leaves)
 

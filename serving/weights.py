@@ -71,6 +71,11 @@ class WeightControl:
         def swap() -> bool:
             """Runs on the scheduler thread; False when a requested flush could not happen yet."""
             engine.runner.params = params
+            # With the params, so a request formatted after the swap never reports the old path or version.
+            engine.model_dir = model_dir
+            engine.model_path = engine.served_model_name = request.model_path
+            if request.weight_version is not None:
+                engine.weight_version = request.weight_version
             scheduler.released.discard("weights")  # new weights are on the device even if released before
             if request.keep_pause and scheduler.pause_mode is None:
                 scheduler.pause_mode = "in_place"
@@ -84,12 +89,9 @@ class WeightControl:
             # Pages of the old weights' KV are held by the requests in flight: flush once they finish;
             # requests arriving until then wait for it, so none reuses KV computed with the old weights.
             scheduler.call_when_idle(scheduler.flush)
-        engine.model_dir = model_dir
-        engine.model_path = engine.served_model_name = request.model_path
         self.load_format = load_format
         message = "Succeeded to update model weights."
         if request.weight_version is not None:
-            engine.weight_version = request.weight_version
             message += f" Weight version updated to {request.weight_version}."
         logger.info("Weights updated from %s (%s)", request.model_path, load_format)
         return _update_result(True, message)
@@ -116,7 +118,7 @@ class WeightControl:
 
     def _paths(self) -> dict[tuple[str, ...], Any]:
         if self._abstract_paths is None:
-            state = nnx.state(self.engine.runner._abstract, nnx.Param)
+            state = nnx.state(self.engine.runner.abstract_model, nnx.Param)
             self._abstract_paths = {tuple(str(k) for k in p): leaf for p, leaf in nnx.to_flat_state(state)}
         return self._abstract_paths
 
@@ -126,7 +128,7 @@ def served_tensor(runner: ModelRunner, hf_name: str, abstract: dict[tuple[str, .
     """The served value of Hugging Face tensor `hf_name` (first `truncate` rows) as a host array, read
     back from the arranged params (stacked or per layer, fused projections split again); None when the
     model has no such tensor or its weights are released."""
-    model = runner._abstract
+    model = runner.abstract_model
     name_map = weight_name_map_for(model)
     if name_map.skips(hf_name, tie_word_embeddings=model.config.tie_word_embeddings):
         if hf_name not in name_map.tied_embedding_names:

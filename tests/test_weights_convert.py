@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,3 +84,53 @@ def test_a_checkpoint_manager_root_is_read_from_its_newest_step(tmp_path):
         manager.save(step, args=ocp.args.StandardSave({"w": jnp.full(2, float(step))}))
     manager.wait_until_finished()
     assert pytree_dir(tmp_path / "runs").parent.name == "12"
+
+
+SHARDED_RESTORE = r"""
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from checkpoints.convert import read_state
+from checkpoints.orbax_io import restore_state
+
+src, orbax_dir = sys.argv[1], sys.argv[2]
+mesh = Mesh(np.array(jax.devices()), ("x",))
+model, expected = read_state(src)
+
+def sharding_for(path):  # split the last axis over the 4 devices where it divides, else replicate
+    shape = dict((tuple(str(k) for k in p), v.shape) for p, v in nnx.to_flat_state(expected))[path]
+    spec = [None] * len(shape)
+    if shape[-1] % 4 == 0:
+        spec[-1] = "x"
+    return NamedSharding(mesh, P(*spec))
+
+state = restore_state(model, orbax_dir, jnp.float32, sharding_for=sharding_for)
+split = 0
+for (path, leaf), (_, want) in zip(nnx.to_flat_state(state), nnx.to_flat_state(expected), strict=True):
+    value = leaf.get_value()
+    key = tuple(str(k) for k in path)
+    assert value.sharding == sharding_for(key), (key, value.sharding)
+    assert np.array_equal(np.asarray(value), np.asarray(want.get_value())), key
+    shard_shapes = {s.data.shape for s in value.addressable_shards}
+    if value.sharding.spec[-1] == "x":
+        assert shard_shapes == {(*value.shape[:-1], value.shape[-1] // 4)}, (key, shard_shapes)
+        split += 1
+assert split > 5, split
+print("ok", split)
+"""
+
+
+def test_restore_onto_a_mesh_puts_each_shard_on_its_device(tmp_path):
+    """Four simulated CPU devices (a subprocess: the device count is fixed when jax starts)."""
+    import os
+    import subprocess
+    import sys
+
+    src = make_tiny_checkpoint(tmp_path / "src", "llama")
+    convert_main([str(src), "--to", "orbax", str(tmp_path / "orbax")])
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", SHARDED_RESTORE, str(src), str(tmp_path / "orbax")],
+                            cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0 and result.stdout.startswith("ok"), result.stderr[-3000:]

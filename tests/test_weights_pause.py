@@ -178,3 +178,27 @@ def test_release_needs_no_request_in_flight_and_checks_tags(server, rng):
     bad = server.post("/release_memory_occupation", json={"tags": ["gpu"]})
     assert bad.status_code == 400
     assert bad.json() == {"error": {"message": "Unknown memory tag 'gpu'; tags are kv_cache, weights, cuda_graph."}}
+
+
+def test_an_update_while_paused_runs_at_once_and_keep_pause_keeps_it_paused(server, tiny_llama_dir, hf_model, rng):
+    stream = Stream(server, rng.integers(3, 384, size=6).tolist())
+    assert server.post("/pause_generation", json={"mode": "retract"}).json() == PAUSED
+    # Paused, the swap does not wait for the (retracted) request: it would never finish.
+    reply = server.post("/update_weights_from_disk", json={"model_path": str(tiny_llama_dir), "keep_pause": True})
+    assert reply.json()["success"] is True
+    assert server.post("/continue_generation").json() == CONTINUED
+    out = stream.result()
+    assert_greedy(hf_model, stream.ids, out["output_ids"], LONG, "retracted across an update")
+    # keep_pause on a running server: generation is paused (in place) after the swap.
+    reply = server.post("/update_weights_from_disk", json={"model_path": str(tiny_llama_dir), "keep_pause": True})
+    assert reply.json()["success"] is True
+    ids = rng.integers(3, 384, size=5).tolist()
+    results = []
+    worker = threading.Thread(target=lambda: results.append(server.post("/generate", json={
+        "input_ids": ids, "sampling_params": {"temperature": 0, "max_new_tokens": 6, "ignore_eos": True}}).json()))
+    worker.start()
+    wait_for(lambda: load(server)["num_waiting_reqs"] == 1, "the request to queue")
+    assert not results
+    assert server.post("/continue_generation").json() == CONTINUED
+    worker.join(300)
+    assert_greedy(hf_model, ids, results[0]["output_ids"], 6, "after keep_pause")

@@ -143,7 +143,15 @@ class WeightNameMap:
         inner = ".".join(path[1:] if path[0] in self.stacked else path) + "."
         return any(inner.startswith(rule.ours) for rule in self.experts)
 
-    # -- our param -> HF name (for error messages) -----------------------------------------------
+    # -- our param -> HF name and shape (for error messages) -------------------------------------
+    def to_hf_shape(self, path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of one HF tensor read into param `path` of `shape`: without the stacked (layer,
+        expert) axes, reversed for a transposed Linear weight."""
+        axes = int(path[0] in self.stacked) + int(self.is_expert_param(path))
+        inner = tuple(shape[axes:])
+        renamed = ".".join(path) in {ours for _, ours in self.renames}
+        return inner[::-1] if path[-1] == self.linear_weight[1] and not renamed else inner
+
     def to_hf_name(self, path: tuple[str, ...], index: tuple[int, ...] = ()) -> str:
         """The HF tensor `path` at `index` (as in `ParamTarget`) is read from."""
         dotted = ".".join(path)

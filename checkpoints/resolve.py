@@ -16,8 +16,9 @@ from pathlib import Path
 MODEL_KINDS = ("hf", "orbax")
 # What --load-format can name: the formats this resolver tells apart. "safetensors": a Hugging Face
 # directory (local or a hub id in the cache) read by checkpoints.safetensors; "gguf": a .gguf file,
-# converted once into such a directory.
-LOAD_FORMATS = ("auto", "safetensors", "gguf")
+# converted once into such a directory; "orbax": an Orbax checkpoint directory with config.json beside
+# (checkpoints.orbax_io).
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "orbax")
 # Files orbax writes into every checkpoint it saves (StandardCheckpointer, PyTreeCheckpointer, and
 # each step of a CheckpointManager).
 _ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt")
@@ -74,8 +75,9 @@ def check_load_format(model_path: str | os.PathLike | None, load_format: str) ->
     is_gguf = text.lower().endswith(".gguf")
     if load_format == "gguf" and not is_gguf:
         raise ValueError(f"--load-format gguf needs a .gguf file as --model-path, got {text!r}.")
-    if load_format == "safetensors" and is_gguf:
-        raise ValueError(f"--load-format safetensors needs a Hugging Face directory or hub id as --model-path, "
+    if load_format in ("safetensors", "orbax") and is_gguf:
+        wanted = "a Hugging Face directory or hub id" if load_format == "safetensors" else "an Orbax checkpoint directory"
+        raise ValueError(f"--load-format {load_format} needs {wanted} as --model-path, "
                          f"got the GGUF file {text!r} (use --load-format auto or gguf).")
 
 
@@ -93,7 +95,7 @@ def resolve_model_path(model_path: str | os.PathLike, *, load_format: str = "aut
     check_load_format(text, load_format)
     local = Path(text).expanduser()
     if local.is_dir():
-        if _is_orbax_checkpoint(local):
+        if is_orbax_checkpoint(local):
             return ResolvedModel(local.absolute(), "orbax")
         if (local / "config.json").is_file():
             return ResolvedModel(local.absolute(), "hf")
@@ -106,8 +108,11 @@ def resolve_model_path(model_path: str | os.PathLike, *, load_format: str = "aut
     return ResolvedModel(snapshot, "hf")
 
 
-def _is_orbax_checkpoint(directory: Path) -> bool:
-    # Checked before config.json: an Orbax save may keep config.json beside it for the architecture.
+def is_orbax_checkpoint(directory: Path) -> bool:
+    """Whether `directory` is an Orbax checkpoint (or a CheckpointManager root of them)."""
+    # Checked before config.json: an Orbax save keeps config.json beside it for the architecture.
+    if not directory.is_dir():
+        return False
     if any((directory / marker).exists() for marker in _ORBAX_MARKERS):
         return True
     # A CheckpointManager root holds one directory per saved step.
@@ -183,13 +188,20 @@ def _snapshot_with_config(repo_dir: Path) -> Path | None:
 
 
 def resolve_model_dir(model_path: str | None, *, revision: str | None = None, load_format: str = "auto") -> Path:
-    """`--model-path` (with `--revision` / `--load-format`) -> a Hugging Face directory; None = the bundled
-    default model."""
+    """`--model-path` (with `--revision` / `--load-format`) -> a model directory with a config.json: a
+    Hugging Face directory, or an Orbax checkpoint with the config beside it; None = the bundled default
+    model. A `load_format` naming the other kind of directory is a ValueError."""
     if model_path is None:
         from checkpoints.default import default_model_dir
 
         return default_model_dir()
     resolved = resolve_model_path(model_path, load_format=load_format, revision=revision)
-    if resolved.kind != "hf":
-        raise ValueError(f"{model_path}: {resolved.kind} checkpoints need a config; serve a Hugging Face directory")
+    if resolved.kind == "orbax" and not (resolved.path / "config.json").is_file():
+        raise ValueError(f"{model_path}: an Orbax checkpoint needs the model's config.json beside it (write one with "
+                         "`python -m checkpoints.convert SRC --to orbax DST`)")
+    if load_format == "orbax" and resolved.kind != "orbax":
+        raise ValueError(f"--load-format orbax needs an Orbax checkpoint directory, got {model_path!r}")
+    if load_format == "safetensors" and resolved.kind != "hf":
+        raise ValueError(f"--load-format safetensors needs a Hugging Face directory, got the Orbax checkpoint "
+                         f"{model_path!r}")
     return resolved.path

@@ -117,7 +117,7 @@ def _release_pages(data: mmap.mmap, start: int, end: int) -> None:
 
 
 def load_params(model: nnx.Module, model_dir: Path, dtype, *, progress: bool = True,
-                name_map: WeightNameMap | None = None) -> nnx.State:
+                name_map: WeightNameMap | None = None, sharding_for=None) -> nnx.State:
     """Read every tensor of `model_dir` into a state shaped like `model`'s params, in `dtype`.
 
     Names are mapped by `name_map` (default: the one `type(model)` declares, see
@@ -125,7 +125,8 @@ def load_params(model: nnx.Module, model_dir: Path, dtype, *, progress: bool = T
     `[in, out]`, `layers.N.*` tensors land in row N of the stacked layer params (and per-expert
     tensors in their expert's row). Host buffers are allocated in `dtype` and each tensor is cast as it
     is copied in, so a bfloat16 load never holds a float32 copy of the model. Missing, unexpected and
-    mis-shaped tensors are errors.
+    mis-shaped tensors are errors. `sharding_for(path)`, when given, is where each param is placed
+    (a weight swap puts the new params onto the served ones' shardings); default the first device.
     """
     name_map = name_map or weight_name_map_for(model)
     state = nnx.state(model, nnx.Param)
@@ -179,7 +180,8 @@ def load_params(model: nnx.Module, model_dir: Path, dtype, *, progress: bool = T
         key = tuple(str(k) for k in path)
         # One param at a time, waiting for each copy: the host buffer is freed before the next copy
         # starts, so the peak is the host buffers plus one param, not two copies of the model.
-        leaf.set_value(jax.device_put(buffers.pop(key)).block_until_ready())
+        target = sharding_for(key) if sharding_for is not None else None
+        leaf.set_value(jax.device_put(buffers.pop(key), target).block_until_ready())
     return state
 
 

@@ -24,7 +24,9 @@ from checkpoints.resolve import resolve_model_dir
 from serving import expert_stats
 from serving.config import enable_compilation_cache, resolve_runtime_config
 from serving.logprobs import new_logprob_record
+from serving.memory import MemoryControl
 from serving.observers import finish_observers, internal_requests, observed_emit
+from serving.pause import GenerationControl
 from serving.pooled_requests import probe_request, run_pooled
 from serving.prefix_cache import PrefixCache
 from serving.protocol import (
@@ -44,6 +46,7 @@ from serving.scheduler import Scheduler
 from serving.server_args import ServerArgs
 from serving.server_info import server_info
 from serving.tokenizer import IncrementalDetokenizer, Tokenizer
+from serving.weights import WeightControl
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +93,9 @@ class Engine:
         self.scheduler = Scheduler(self.runner, self.prefix_cache, self.runtime)
         self.metrics, self.finish_observers = finish_observers(args, self.served_model_name, self.max_total_num_tokens)
         self.scheduler.metrics = self.metrics
+        # Weights while serving, pause / continue, device memory release (serving/weights.py, pause.py, memory.py).
+        self.weights, self.memory = WeightControl(self), MemoryControl(self)
+        self.generation = GenerationControl(self.scheduler)
         self.scheduler.start()
 
     def _expert_recorder(self, args: ServerArgs) -> expert_stats.ExpertDistributionRecorder | None:
@@ -337,40 +343,13 @@ class Engine:
         return iterate() if stream else next(iterate())
 
     async def update_weights_from_disk(self, request: UpdateWeightsRequest) -> dict[str, Any]:
-        """Swap in another checkpoint between steps, after the requests in flight finish (or are
-        aborted with `abort_all_requests`); on any failure the served weights stay as they were."""
-        def result(success: bool, message: str) -> dict[str, Any]:
-            return {"success": success, "message": message, "num_paused_requests": 0}
-
-        try:
-            model_dir = await asyncio.to_thread(resolve_model_dir, request.model_path)
-        except Exception as exc:
-            return result(False, f"Failed to get weights iterator: {exc}.")
-        try:
-            params = await asyncio.to_thread(self.runner.read_weights, model_dir)
-        except Exception as exc:
-            return result(False, f"Failed to update weights: {exc}.\nRolling back to original weights.")
-        if request.abort_all_requests:
-            self.scheduler.abort("", abort_all=True, cause="update_weights_from_disk abort_all_requests")
-
-        def swap() -> None:
-            self.runner.params = params
-            if request.flush_cache:
-                self.scheduler.flush()
-
-        await asyncio.wrap_future(self.scheduler.call_when_idle(swap))
-        self.model_path = request.model_path
-        self.served_model_name = request.model_path
-        message = "Succeeded to update model weights."
-        if request.weight_version is not None:
-            self.weight_version = request.weight_version
-            message += f" Weight version updated to {request.weight_version}."
-        return result(True, message)
+        """Swap in another checkpoint between steps (serving/weights.py); the old weights stay on failure."""
+        return await self.weights.update_from_disk(request)
 
     # -- control and information (awaitables read on the scheduler thread, between two steps) --------
-    async def flush_cache(self) -> bool:
-        """Drop the prefix cache; False (nothing done) while any request is running or waiting."""
-        return await asyncio.wrap_future(self.scheduler.call(self.scheduler.flush))
+    async def flush_cache(self, timeout: float = 0.0) -> bool:
+        """Drop the prefix cache; False (nothing done) while requests hold pages after `timeout` seconds."""
+        return await self.generation.flush_cache(timeout)
 
     async def expert_distribution(self, action: str) -> list[Path]:
         """`start`, `stop` or `dump` the expert-distribution record, on the scheduler thread between two

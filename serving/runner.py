@@ -23,7 +23,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from checkpoints.safetensors import load_params
+from checkpoints.load import load_checkpoint
+from checkpoints.name_maps import weight_name_map_for
 from kernels.attention import AttentionBackend, resolve_attention_backend
 from model.config import ModelConfig
 from model.decoder import BoundParams, arrange_params
@@ -131,8 +132,10 @@ class ModelRunner:
             raise ValueError(f"--kv-cache-dtype {config.kv_cache_dtype} with a {jnp.dtype(self.dtype).name} model: "
                              f"the {self.attention.name.upper()} attention kernel takes q, k, v and the cache in "
                              "one dtype; use --dtype bfloat16 or --attention-backend reference")
+        # One device for now (no mesh yet): every param lives on it, and a swap places new ones there too.
+        self.param_sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         self.params, self._bound = arrange_params(
-            self._abstract, load_params(self._abstract, self.model_dir, self.dtype), unroll=config.unroll_layers)
+            self._abstract, self._load(self.model_dir), unroll=config.unroll_layers)
         self.weight_bytes = params_bytes(self.params)
 
         self.max_seqs = next_pow2(config.max_running_requests)
@@ -179,6 +182,11 @@ class ModelRunner:
         return nnx.eval_shape(lambda: cls(config, dtype=self.dtype, rngs=nnx.Rngs(0), **options))
 
     @property
+    def abstract_model(self):
+        """The model's structure without arrays (param paths and shapes, the unarranged layout)."""
+        return self._abstract
+
+    @property
     def params(self):
         return jax.tree.unflatten(self._param_treedef, self._param_leaves)
 
@@ -190,23 +198,46 @@ class ModelRunner:
             raise ValueError("new params do not have the structure of the served ones")
         self._param_leaves, self._param_treedef = leaves, treedef
 
+    def _load(self, model_dir: Path):
+        return load_checkpoint(self._abstract, model_dir, self.dtype, sharding_for=lambda path: self.param_sharding)
+
     def read_weights(self, model_dir: Path):
-        """Load another checkpoint of the same architecture and shapes (for a weight swap); the served
-        params are untouched. A checkpoint that does not fit names the first param that differs."""
+        """Load another checkpoint (safetensors or Orbax) of the same architecture and shapes onto the
+        served params' shardings, arranged as they are (for a weight swap); the served params are
+        untouched. A checkpoint that does not fit names the first Hugging Face tensor that differs."""
         config = ModelConfig.from_dir(model_dir)
         if config.architecture != self.config.architecture:
             raise ValueError(f"architecture differs: serving {self.config.architecture}, new checkpoint "
                              f"{config.architecture}")
         theirs = dict(nnx.to_flat_state(nnx.state(self._abstract_model(config), nnx.Param)))
+        name_map = weight_name_map_for(self._abstract)
         for path, mine in nnx.to_flat_state(nnx.state(self._abstract, nnx.Param)):
             other = theirs.get(path)
             if other is None or other.shape != mine.shape:
-                name = ".".join(map(str, path))
-                raise ValueError(f"param {name!r} has shape {None if other is None else tuple(other.shape)} in the "
-                                 f"new checkpoint, {tuple(mine.shape)} in the served model")
-        params, _ = arrange_params(self._abstract, load_params(self._abstract, Path(model_dir), self.dtype),
-                                   unroll=self.runtime.unroll_layers)
+                path = tuple(str(k) for k in path)
+                theirs_shape = None if other is None else name_map.to_hf_shape(path, other.shape)
+                raise ValueError(f"tensor {name_map.to_hf_name(path)!r} has shape {theirs_shape} in the new checkpoint, "
+                                 f"{name_map.to_hf_shape(path, mine.shape)} in the served model")
+        params, _ = arrange_params(self._abstract, self._load(Path(model_dir)), unroll=self.runtime.unroll_layers)
         return params
+
+    # -- releasing and restoring device memory (serving/memory.py) ------------------------------
+    @property
+    def params_released(self) -> bool:
+        return any(leaf.is_deleted() for leaf in self._param_leaves)
+
+    def release_params(self) -> None:
+        """Delete every param's device buffer (the structure stays, so `params = ...` restores them)."""
+        for leaf in self._param_leaves:
+            leaf.delete()
+
+    def release_kv_cache(self) -> None:
+        """Delete the KV cache's device buffer; `reset_kv_cache` allocates a fresh one."""
+        self.kv_pages.delete()
+
+    @property
+    def kv_cache_released(self) -> bool:
+        return self.kv_pages.is_deleted()
 
     # -- buckets -------------------------------------------------------------------------------
     def bucket(self, num_tokens: int, num_seqs: int) -> tuple[int, int]:

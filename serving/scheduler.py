@@ -75,6 +75,9 @@ class Scheduler:
         self.hung_since: float | None = None  # set by the watchdog; cleared when the step returns
         self.failures = 0  # errors outside a step that the loop survived
         self.watchdog = StepWatchdog(self, config.watchdog_timeout) if config.watchdog_timeout else None
+        # Halted (no step runs, requests wait): generation paused (pause.py) or memory released (memory.py).
+        self.pause_mode: str | None = None
+        self.released: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
 
@@ -122,6 +125,15 @@ class Scheduler:
         self.inbox.put(("call_idle", (fn, future)))
         return future
 
+    @property
+    def halted(self) -> bool:
+        return self.pause_mode is not None or bool(self.released)
+
+    def retract_all(self) -> None:
+        """Retract every running request, keeping their order at the front of the queue (pause.py)."""
+        for request in reversed(list(self.running)):
+            self._retract(request)
+
     # -- the loop ---------------------------------------------------------------------------------
     def _loop(self) -> None:
         try:
@@ -134,14 +146,17 @@ class Scheduler:
     def _serve(self) -> None:
         idle_checked = False
         while not self._stop.is_set():
-            busy = bool(self.waiting or self.running)
+            busy = bool(self.waiting or self.running) and not self.halted
             self.drain_inbox(block=not busy)
-            if self.idle_calls and not (self.waiting or self.running):
+            # Halted, a weight swap runs at once (SGLang: "if generation is paused it runs immediately").
+            if self.idle_calls and (self.halted or not (self.waiting or self.running)):
                 for call in self.idle_calls:
                     _run_call(*call)
                 self.idle_calls.clear()
                 self.waiting.extend(self.held)
                 self.held.clear()
+            if self.halted:
+                continue
             if not (self.waiting or self.running):
                 if not idle_checked:
                     idle_checked = True
@@ -452,7 +467,10 @@ class Scheduler:
                 "num_tokens": used + queued}
 
     def flush(self) -> bool:
-        if self.running or self.waiting or self.held:
+        """Drop the prefix cache; refused while requests run or wait. Requests held behind an idle call
+        (a weight swap that flushes) and, halted, waiting ones hold no pages: a flush after a pause in
+        retract mode goes through (an RL framework deadlocked on it)."""
+        if self.running or (self.waiting and not self.halted):
             return False
         return self.cache.flush()
 

@@ -84,7 +84,8 @@ class ServerArgs:
         False, "Load no tokenizer: requests must give input_ids and responses carry no text.")
     load_format: str = _arg(
         "auto", "Weight format: auto (from what --model-path names), safetensors (a Hugging Face directory "
-        "or hub id; refuses a .gguf path), gguf (a .gguf file, converted once; refuses anything else). "
+        "or hub id; refuses a .gguf path), gguf (a .gguf file, converted once; refuses anything else), "
+        "orbax (an Orbax checkpoint directory with config.json beside, see checkpoints.convert). "
         "SGLang's other formats are not supported yet.", type=str,
         choices=LOAD_FORMAT_CHOICES + LOAD_FORMATS_LATER)
     trust_remote_code: bool = _arg(False, "Accepted for compatibility; no remote code is ever run.")

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
+from serving.memory import device_bytes_in_use
+
 if TYPE_CHECKING:
     from serving.engine import Engine
 
@@ -18,8 +20,11 @@ def server_info(engine: Engine, page_counts: dict[str, int] | None = None) -> di
                 tokenizer_path=engine.tokenizer_path, max_running_requests=engine.max_running_requests,
                 chunked_prefill_size=engine.server_args.chunked_prefill_size or engine.chunked_prefill_size,
                 context_length=engine.context_length)
-    memory = {"weight": engine.runner.weight_bytes / 2**30, "kvcache": engine.runner.kv_spec.total_bytes / 2**30,
-              "token_capacity": engine.max_total_num_tokens, "graph": 0.0}
+    released = engine.scheduler.released  # /release_memory_occupation's tags (serving/memory.py)
+    memory = {"weight": 0.0 if "weights" in released else engine.runner.weight_bytes / 2**30,
+              "kvcache": 0.0 if "kv_cache" in released else engine.runner.kv_spec.total_bytes / 2**30,
+              "token_capacity": engine.max_total_num_tokens, "graph": 0.0,
+              "device_bytes_in_use": device_bytes_in_use()}
     return {
         **args, "status": "ready", "max_total_num_tokens": engine.max_total_num_tokens,
         "max_req_input_len": engine.max_req_input_len,

@@ -82,5 +82,5 @@ def test_load_format_is_checked_before_resolving(tmp_path, hub):
         resolve_model_path(tmp_path / "model", load_format="gguf")
     with pytest.raises(ValueError, match="--load-format safetensors needs a Hugging Face directory"):
         resolve_model_path(tmp_path / "missing.gguf", load_format="safetensors")
-    with pytest.raises(ValueError, match="load_format must be one of auto, safetensors, gguf; got 'pt'"):
+    with pytest.raises(ValueError, match="load_format must be one of auto, safetensors, gguf, orbax; got 'pt'"):
         check_load_format(tmp_path / "model", "pt")

@@ -178,7 +178,7 @@ def test_help_promises_nothing_that_is_not_there():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"load_format": "pt"}, "--load-format pt is not supported yet; use one of auto, safetensors, gguf."),
+        ({"load_format": "pt"}, "--load-format pt is not supported yet; use one of auto, safetensors, gguf, orbax."),
         ({"load_format": "dummy"}, "--load-format dummy is not supported yet"),
         ({"load_format": "gguf", "model_path": "/models/llama"},
          "--load-format gguf needs a .gguf file as --model-path, got '/models/llama'."),

@@ -15,7 +15,7 @@ from sanic import response as sanic_response
 from sanic.exceptions import MethodNotAllowed, NotFound
 
 from serving.engine import Engine
-from serving.http import access, experts, native, observability, openai, pooling, shutdown
+from serving.http import access, experts, native, observability, openai, pooling, shutdown, weights
 from serving.http.envelopes import BadBody, dumps, http_exception, schema_error
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ def create_app(engine: Engine) -> Sanic:
     experts.register(app, engine)
     observability.register(app, engine)
     shutdown.install(app, engine, args.graceful_shutdown_timeout)
+    weights.register(app, engine)
 
     @app.after_server_start
     async def warm_up(app: Sanic):

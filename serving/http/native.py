@@ -20,8 +20,8 @@ from serving.protocol import (
     NormalizedGenerate,
     RequestError,
     parse_abort_request,
-    parse_update_weights_request,
 )
+from serving.protocol.weights import parse_flush_timeout
 
 FLUSH_TEXT = (
     "Cache flushed.\nPlease check backend logs for more details. (When there are running or waiting "
@@ -138,17 +138,12 @@ def register(app: Sanic, engine: Engine) -> None:
     # -- control ----------------------------------------------------------------------------------
     @app.route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache(request: Request):
-        ok = await engine.flush_cache()
-        return sanic_response.text(FLUSH_TEXT, status=200 if ok else 400)
-
-    @app.post("/update_weights_from_disk")
-    async def update_weights_from_disk(request: Request):
         try:
-            update = parse_update_weights_request(read_json(request))
+            timeout = parse_flush_timeout(request.args.get("timeout"))
         except RequestError as exc:
             return error_response(str(exc))
-        result = await engine.update_weights_from_disk(update)
-        return sanic_response.json(result, status=200 if result["success"] else 400)
+        ok = await engine.flush_cache(timeout)
+        return sanic_response.text(FLUSH_TEXT, status=200 if ok else 400)
 
     @app.post("/abort_request")
     async def abort_request(request: Request):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from serving.protocol.errors import RequestError, schema_error
+from serving.protocol.errors import RequestError, schema_error, unsupported
 from serving.protocol.json_checks import MISSING, describe, is_int_list, is_str_list, object_body, read_field
 
 
@@ -20,7 +20,7 @@ def parse_abort_request(body: object) -> tuple[str, bool]:
 class UpdateWeightsRequest:
     """POST /update_weights_from_disk body (contract 5.5). `load_format` None = the server's current
     `--load-format`. The CUDA-only knobs (torch_empty_cache, recapture_cuda_graph) are accepted and
-    have nothing to do on our runtime."""
+    have nothing to do on our runtime; a non-zero `token_step` is refused (not supported yet)."""
 
     model_path: str
     load_format: str | None = None
@@ -44,6 +44,8 @@ def parse_update_weights_request(body: object) -> UpdateWeightsRequest:
         kwargs[f.name] = read_field(body, f.name, kind, default)
     if not kwargs["model_path"]:
         raise RequestError("model_path cannot be empty.")
+    if kwargs["token_step"] != 0:
+        raise unsupported("token_step")
     return UpdateWeightsRequest(**kwargs)
 
 

@@ -1,0 +1,78 @@
+"""`/release_memory_occupation` and `/resume_memory_occupation` (contract 5.10).
+
+Releasing deletes device buffers outright (`jax.Array.delete`), so the allocator gets the memory back at
+once: tag `weights` the params, `kv_cache` the KV cache (and the radix cache is flushed, since the pages
+it points at are gone), `cuda_graph` nothing (XLA's compiled executables hold no buffers of ours). Release
+requires no request running or waiting, as SGLang does. While anything is released no step runs: requests
+arriving meanwhile wait in the queue and run after the resume. Resuming re-reads the weights from the
+current model path (the last successful update's, so the version served before the release), places them
+on the same shardings, and allocates a fresh, empty KV cache: generation afterwards is what it was before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+import jax
+
+from serving.protocol import RequestError
+
+if TYPE_CHECKING:
+    from serving.engine import Engine
+
+logger = logging.getLogger(__name__)
+
+
+def device_bytes_in_use() -> int:
+    """Bytes in use on the first device: the backend's own count where it keeps one (TPU, GPU), else
+    the sum of the live arrays on it (CPU)."""
+    device = jax.devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_in_use" in stats:
+        return int(stats["bytes_in_use"])
+    return int(sum(x.nbytes for x in jax.live_arrays() if not x.is_deleted() and device in x.devices()))
+
+
+class MemoryControl:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    async def release(self, tags: tuple[str, ...]) -> None:
+        engine, scheduler = self.engine, self.engine.scheduler
+
+        def release() -> None:
+            busy = len(scheduler.running) + len(scheduler.waiting) + len(scheduler.held)
+            if busy:
+                raise RequestError(f"release_memory_occupation needs no request in flight; {busy} are running "
+                                   "or waiting (pause generation in abort mode first)")
+            before = device_bytes_in_use()
+            if "weights" in tags and "weights" not in scheduler.released:
+                engine.runner.release_params()
+                scheduler.released.add("weights")
+            if "kv_cache" in tags and "kv_cache" not in scheduler.released:
+                scheduler.released.add("kv_cache")  # halts steps before the flush below can be raced
+                scheduler.flush()
+                engine.runner.release_kv_cache()
+            logger.info("Released %s: %.1f MB of device memory", ", ".join(tags), (before - device_bytes_in_use()) / 1e6)
+
+        await asyncio.wrap_future(scheduler.call(release))
+
+    async def resume(self, tags: tuple[str, ...]) -> None:
+        engine, scheduler = self.engine, self.engine.scheduler
+        # Read on a worker thread while the scheduler waits (halted: nothing runs on the missing buffers).
+        params = None
+        if "weights" in tags and "weights" in scheduler.released:
+            params = await asyncio.to_thread(engine.runner.read_weights, engine.model_dir)
+
+        def resume() -> None:
+            if params is not None and "weights" in scheduler.released:
+                engine.runner.params = params
+                scheduler.released.discard("weights")
+            if "kv_cache" in tags and "kv_cache" in scheduler.released:
+                engine.runner.reset_kv_cache()
+                scheduler.cache.flush()
+                scheduler.released.discard("kv_cache")
+
+        await asyncio.wrap_future(scheduler.call(resume))

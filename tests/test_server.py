@@ -94,6 +94,7 @@ def test_server_info_and_models(server):
     assert info["page_size"] == 4 and info["api_key"] is None
     models = server.get("/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == info["model_path"]
+    assert models["data"][0]["owned_by"] == "sglang" and models["data"][0]["parent"] is None
     assert server.get("/health").status_code == 200
     assert server.get("/health_generate").status_code == 200
 

@@ -28,7 +28,8 @@ def register(app: Sanic, engine: Engine) -> None:
     tokenize.register(app, engine)
 
     def model_card(name: str) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "pallas-serve",
+        # owned_by "sglang": contract 7.1, the card SGLang clients already know.
+        return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "sglang",
                 "root": name, "parent": None, "max_model_len": engine.context_length}
 
     @app.get("/v1/models")

@@ -23,6 +23,7 @@ from typing import Any
 from checkpoints.resolve import resolve_model_dir
 from serving import expert_stats
 from serving.config import enable_compilation_cache, resolve_runtime_config
+from serving.faults import health_problem
 from serving.logprobs import new_logprob_record
 from serving.memory import MemoryControl
 from serving.observers import finish_observers, internal_requests, observed_emit
@@ -217,7 +218,7 @@ class Engine:
         If the consumer stops early (client disconnect, cancellation, an error response), the unfinished
         requests are aborted so their pages are freed.
         """
-        problem = self.scheduler.health_problem()
+        problem = self.health_problem()
         if problem is not None:
             raise Unavailable(problem)
         loop = asyncio.get_running_loop()
@@ -290,7 +291,7 @@ class Engine:
 
     def health_problem(self) -> str | None:
         """Why the engine cannot serve at all now (faults.py), else None."""
-        return self.scheduler.health_problem()
+        return health_problem(self.scheduler)
 
     @property
     def steps_done(self) -> int:

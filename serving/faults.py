@@ -40,6 +40,35 @@ def step_hung(seconds: float, timeout: float) -> FinishReason:
         "this request was aborted.", 500, "InternalServerError")
 
 
+def health_problem(scheduler: Scheduler) -> str | None:
+    """Why the scheduler cannot serve now (its thread died, or a step hangs), else None."""
+    if not scheduler.thread_alive():
+        return "The scheduler thread has stopped; the server cannot serve requests and needs a restart."
+    hung = scheduler.hung_since
+    if hung is not None:
+        return (f"A forward step has run for {time.monotonic() - hung:.0f} s, longer than "
+                f"--watchdog-timeout {scheduler.watchdog.timeout:g} s; the server is unhealthy until it returns.")
+    return None
+
+
+def fail_all(scheduler: Scheduler, exc: BaseException) -> None:
+    """An error outside the model call (a bug in scheduling or bookkeeping), or the thread ending: every
+    request is answered with a 500 abort rather than left hanging."""
+    logger.exception("scheduler error; aborting every request")
+    scheduler.failures += 1
+    for request in [*scheduler.running, *scheduler.waiting, *scheduler.held]:
+        if request.finish_reason is None:
+            request.finish(step_failed(exc))
+        try:
+            scheduler._release(request, keep_kv=False)
+        except Exception:
+            logger.exception("could not free the pages of %s", request.rid)
+        request.maybe_emit()
+    scheduler.running.clear()
+    scheduler.waiting.clear()
+    scheduler.held.clear()
+
+
 def recover_lost_cache(scheduler: Scheduler, failed: list[Request]) -> None:
     """After a failed step left the donated KV cache deleted: nothing computed into it survives."""
     runner = scheduler.runner

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from serving.config import RuntimeConfig
-from serving.faults import StepWatchdog, recover_lost_cache, step_failed
+from serving.faults import StepWatchdog, fail_all, recover_lost_cache, step_failed
 from serving.logprobs import build_logprob_plan
 from serving.penalties import build_penalties
 from serving.prefix_cache import PrefixCache
@@ -34,6 +34,7 @@ from serving.protocol import FinishReason
 from serving.request import Request, Task
 from serving.runner import HostBatch, next_pow2
 from serving.sampler import MAX_BANNED_IDS
+from serving.scheduler_inbox import SchedulerInbox, run_call
 from serving.scheduler_log import SchedulerLog
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class Scheduler:
+class Scheduler(SchedulerInbox):
     def __init__(self, runner: ModelRunner, prefix_cache: PrefixCache, config: RuntimeConfig):
         self.runner = runner
         self.cache = prefix_cache
@@ -94,36 +95,9 @@ class Scheduler:
         if self.watchdog is not None:
             self.watchdog.stop()
 
-    def health_problem(self) -> str | None:
-        """Why the scheduler cannot serve now (its thread died, or a step hangs), else None."""
-        if not self._thread.is_alive() and not self._stop.is_set():
-            return "The scheduler thread has stopped; the server cannot serve requests and needs a restart."
-        hung = self.hung_since
-        if hung is not None:
-            return (f"A forward step has run for {time.monotonic() - hung:.0f} s, longer than "
-                    f"--watchdog-timeout {self.watchdog.timeout:g} s; the server is unhealthy until it returns.")
-        return None
-
-    def submit(self, request: Request) -> None:
-        self.inbox.put(("add", request))
-
-    def abort(self, rid: str, abort_all: bool = False, *, exact: bool = False, cause: str | None = None) -> None:
-        """Abort the requests whose id starts with `rid` (only the one equal to it with `exact`; all
-        with `abort_all`). `cause` goes into the abort log line."""
-        self.inbox.put(("abort", (rid, abort_all, exact, cause)))
-
-    def call(self, fn: Callable[[], Any]) -> Future:
-        """Run `fn` on the scheduler thread between two steps; the future holds its result."""
-        future: Future = Future()
-        self.inbox.put(("call", (fn, future)))
-        return future
-
-    def call_when_idle(self, fn: Callable[[], Any]) -> Future:
-        """Run `fn` once every request admitted before it has finished (a weight swap must not mix
-        weights inside one request); requests arriving meanwhile wait until `fn` has run."""
-        future: Future = Future()
-        self.inbox.put(("call_idle", (fn, future)))
-        return future
+    def thread_alive(self) -> bool:
+        """False once the thread has ended other than by stop() (faults.health_problem)."""
+        return self._thread.is_alive() or self._stop.is_set()
 
     @property
     def halted(self) -> bool:
@@ -140,7 +114,7 @@ class Scheduler:
             self._serve()
         except BaseException as exc:  # the thread is ending: answer every request rather than strand it
             logger.critical("the scheduler thread is stopping on %r", exc)
-            self._fail_all(exc)
+            fail_all(self, exc)
             raise
 
     def _serve(self) -> None:
@@ -151,7 +125,7 @@ class Scheduler:
             # Halted, a weight swap runs at once (SGLang: "if generation is paused it runs immediately").
             if self.idle_calls and (self.halted or not (self.waiting or self.running)):
                 for call in self.idle_calls:
-                    _run_call(*call)
+                    run_call(*call)
                 self.idle_calls.clear()
                 self.waiting.extend(self.held)
                 self.held.clear()
@@ -170,7 +144,7 @@ class Scheduler:
             try:
                 stepped = self.step()
             except Exception as exc:  # outside the model call: the loop must survive it
-                self._fail_all(exc)
+                fail_all(self, exc)
                 stepped = True
             if not stepped:
                 time.sleep(0.001)
@@ -221,27 +195,6 @@ class Scheduler:
             self.metrics.after_step(decodes=step["decodes"], prefill_tokens=step["prefill_tokens"],
                                     cached_tokens=step["cached_tokens"], generated=generated)
         return True
-
-    def drain_inbox(self, block: bool) -> None:
-        """Take in what other threads sent (scheduler thread only)."""
-        try:
-            item = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            kind, payload = item
-            if kind == "add":
-                self._enqueue(payload)
-            elif kind == "abort":
-                self._abort(*payload)
-            elif kind == "call":
-                _run_call(*payload)
-            elif kind == "call_idle":
-                self.idle_calls.append(payload)
-            try:
-                item = self.inbox.get_nowait()
-            except queue.Empty:
-                return
 
     def _enqueue(self, request: Request) -> None:
         """A new request joins the waiting queue, or is answered 503 at once when the queue is full."""
@@ -441,23 +394,6 @@ class Scheduler:
             if hit(request):
                 self._finish(request, FinishReason.abort("Aborted"), cause)
 
-    def _fail_all(self, exc: BaseException) -> None:
-        """An error outside the model call (a bug in scheduling or bookkeeping): every request is
-        answered with a 500 abort rather than left hanging, and the loop goes on."""
-        logger.exception("scheduler error; aborting every request")
-        self.failures += 1
-        for request in [*self.running, *self.waiting, *self.held]:
-            if request.finish_reason is None:
-                request.finish(step_failed(exc))
-            try:
-                self._release(request, keep_kv=False)
-            except Exception:
-                logger.exception("could not free the pages of %s", request.rid)
-            request.maybe_emit()
-        self.running.clear()
-        self.waiting.clear()
-        self.held.clear()
-
     # -- queries (scheduler thread, through call()) -----------------------------------------------
     def load(self) -> dict[str, int]:
         used = (self.cache.num_total - self.cache.available_pages) * self.page_size
@@ -477,11 +413,3 @@ class Scheduler:
 
 _SAMPLER_DTYPES = {"temperature": np.float32, "top_k": np.int32, "top_p": np.float32, "min_p": np.float32,
                    "seeds": np.uint32, "steps": np.int32}
-
-
-def _run_call(fn: Callable[[], Any], future: Future) -> None:
-    if future.set_running_or_notify_cancel():
-        try:
-            future.set_result(fn())
-        except Exception as exc:
-            future.set_exception(exc)

@@ -10,6 +10,7 @@ writes the step's K/V after it (the CPU path).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -47,6 +48,9 @@ class StepBatch(NamedTuple):
     inputs: StepInputs
     logits_indices: jax.Array  # int32[S]: the last new token of each sequence
     sampling: SamplingBatch
+    # int32[S, ceil(vocab / 32)] allowed-token bits (serving/grammar.py), or None when no sequence is
+    # constrained: None is part of the pytree's structure, so that step is its own compiled variant.
+    token_bitmask: jax.Array | None = None
 
 
 @dataclass
@@ -59,6 +63,7 @@ class HostBatch:
     page_indices: list[list[int]]  # per sequence
     q_lens: np.ndarray  # int32[num_seqs]
     sampling: dict[str, np.ndarray]  # SamplingBatch fields, [num_seqs]
+    token_bitmask: np.ndarray | None = None  # int32[num_seqs, words] when a sequence is constrained
 
 
 def _forward(bound: BoundParams, treedef, backend: AttentionBackend, param_leaves, kv_pages, inputs: StepInputs):
@@ -68,7 +73,7 @@ def _forward(bound: BoundParams, treedef, backend: AttentionBackend, param_leave
 
 def _sample_step(bound, treedef, backend, param_leaves, kv_pages, batch: StepBatch):
     model, out = _forward(bound, treedef, backend, param_leaves, kv_pages, batch.inputs)
-    tokens = sample(model.logits(out.hidden[batch.logits_indices]), batch.sampling)
+    tokens = sample(model.logits(out.hidden[batch.logits_indices]), batch.sampling, batch.token_bitmask)
     return tokens, out.kv, out.aux
 
 
@@ -222,7 +227,11 @@ class ModelRunner:
         meta = AttentionMetadata(kv_lens, page_indices, cu_q_lens, np.array([num_seqs], np.int32))
         # Rope tables on the host: inside the jit XLA:CPU fused cos / sin into every layer's rotation.
         rope = rope_tables(positions, *self._rope_frequencies, xp=np)
-        return StepBatch(StepInputs(input_ids, positions, meta, rope), logits_indices, SamplingBatch(**sampling))
+        bitmask = host.token_bitmask
+        if bitmask is not None:  # padding rows allow everything
+            bitmask = np.concatenate([bitmask, np.full((seqs - num_seqs, bitmask.shape[1]), -1, np.int32)])
+        return StepBatch(StepInputs(input_ids, positions, meta, rope), logits_indices, SamplingBatch(**sampling),
+                         bitmask)
 
     def _padded(self, host: HostBatch) -> StepBatch:
         return self._pad(host, *self.bucket(len(host.input_ids), len(host.kv_lens)))
@@ -267,18 +276,23 @@ class ModelRunner:
                          for name, value in aux.items()}
         return result
 
-    def precompile(self, progress: bool = True) -> float:
+    def precompile(self, progress: bool = True, token_bitmask_width: int | None = None) -> float:
         """Compile (and run once, on an all-padding batch that writes nothing) every bucket of the model's
-        step: the sampling step, or for a pooled model the pooling step with its own method."""
+        step: the sampling step, or for a pooled model the pooling step with its own method. With
+        `token_bitmask_width` (a grammar backend is on), also the sampling step's masked variant."""
         start = time.perf_counter()
         empty = HostBatch(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32), [],
                           np.zeros(0, np.int32), {})
+        masked = None if token_bitmask_width is None else dataclasses.replace(
+            empty, token_bitmask=np.zeros((0, token_bitmask_width), np.int32))
         for tokens, seqs in tqdm(self.buckets(), desc="Compiling step buckets", disable=not progress):
             if self.pooling is not None:
                 jax.block_until_ready(self._run_pooled(self._pad(empty, tokens, seqs), 0, empty.q_lens,
                                                        *self.pooling))
-            else:
-                jax.block_until_ready(self._run(self._step, self._pad(empty, tokens, seqs), 0))
+                continue
+            jax.block_until_ready(self._run(self._step, self._pad(empty, tokens, seqs), 0))
+            if masked is not None:
+                jax.block_until_ready(self._run(self._step, self._pad(masked, tokens, seqs), 0))
         return time.perf_counter() - start
 
     def reset_kv_cache(self) -> None:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from serving.config import RuntimeConfig
+from serving.grammar import token_bitmask
 from serving.prefix_cache import PrefixCache
 from serving.protocol import FinishReason
 from serving.request import Request, Task
@@ -309,7 +310,8 @@ class Scheduler:
         arrays = {key: np.asarray([row[key] for row in rows], dtype) for key, dtype in _SAMPLER_DTYPES.items()}
         arrays["banned_ids"] = banned
         return HostBatch(np.asarray(ids, np.int32), np.asarray(positions, np.int32),
-                         np.asarray(kv_lens, np.int32), pages, np.asarray(q_lens, np.int32), arrays)
+                         np.asarray(kv_lens, np.int32), pages, np.asarray(q_lens, np.int32), arrays,
+                         token_bitmask([r.step_grammar(n) for r, n in batch]))
 
     def process(self, batch: list[tuple[Request, int]], tokens: np.ndarray) -> int:
         """Apply a step's sampled tokens; returns how many tokens it generated."""

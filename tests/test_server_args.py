@@ -31,7 +31,7 @@ def test_defaults_follow_sglang(monkeypatch):
         "load_format": "auto", "enable_metrics": False, "watchdog_timeout": 300, "tp_size": 1, "dp_size": 1,
         "ep_size": 1, "trust_remote_code": False, "revision": None, "expert_distribution_recorder_mode": None,
         "expert_distribution_recorder_buffer_size": None, "enable_cache_report": False,
-        "sampling_defaults": "model", "precompile": True,
+        "sampling_defaults": "model", "precompile": True, "grammar_backend": None,
         "compilation_cache_dir": "/tmp/xdg-test/pallas-serve/jax-compile-cache",
         "disable_compilation_cache": False,
     }

@@ -106,9 +106,9 @@ class SamplingParams:
             raise unsupported("presence_penalty other than 0")
         if self.repetition_penalty != 1:
             raise unsupported("repetition_penalty other than 1")
-        for key in ("json_schema", "regex", "ebnf", "structural_tag"):
-            if getattr(self, key) is not None:
-                raise unsupported(f"Constrained decoding ({key})")
+        # json_schema / regex / ebnf are compiled by the engine's grammar backend (serving/grammar.py).
+        if self.structural_tag is not None:
+            raise unsupported("Constrained decoding (structural_tag)")
         if self.stop_regex:
             raise unsupported("stop_regex")
         if self.logit_bias:

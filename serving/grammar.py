@@ -18,6 +18,7 @@ feeds its sampled token to `GrammarMatcher.advance`, which says when the grammar
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -28,6 +29,8 @@ from llguidance.numpy import fill_next_token_bitmask_par
 from tokenizers import Tokenizer as HFTokenizer
 
 from serving.protocol import RequestError, SamplingParams
+
+logger = logging.getLogger(__name__)
 
 # The grammar keys in SGLang's priority order (contract 3.3: json_schema > regex > ebnf).
 GRAMMAR_KINDS = ("json_schema", "regex", "ebnf")
@@ -59,8 +62,9 @@ class GrammarMatcher:
 
     def advance(self, token: int) -> bool:
         """Consume a sampled token; True when the grammar is complete (nothing but EOS may follow), which
-        ends the request. Raises ValueError if the token breaks the grammar: the mask allowed only tokens
-        that keep it, so that means the mask was not applied (a bug, not a user error)."""
+        ends the request. Raises ValueError if the token breaks the grammar: the mask allows only tokens
+        that keep it, so that happens only when nothing it allows could be sampled (`min_new_tokens`
+        banning the EOS that is all the grammar allows)."""
         if not self._matcher.consume_token(token):
             raise ValueError(f"token {token} does not continue the grammar: {self._matcher.get_error()}")
         return self._matcher.is_stopped()
@@ -176,4 +180,8 @@ def make_grammars(backend: str | None, tokenizer_dir: Path, vocab_size: int,
     if not tokenizer_file.exists():
         return DisabledGrammars(f"Constrained decoding without a tokenizer.json (in {tokenizer_dir}) is not "
                                 "supported yet")
-    return GrammarCompiler(tokenizer_file, vocab_size, eos_token_ids)
+    try:
+        return GrammarCompiler(tokenizer_file, vocab_size, eos_token_ids)
+    except Exception as exc:  # a tokenizer llguidance cannot read must not stop the model from serving
+        logger.warning("Constrained decoding is off: llguidance cannot use %s: %s", tokenizer_file, exc)
+        return DisabledGrammars(f"Constrained decoding with this model's tokenizer ({exc}) is not supported yet")

@@ -108,7 +108,7 @@ class Request:
         try:  # a complete grammar ends the request (below), with the token as `matched`, like SGLang
             grammar_done = self.grammar is not None and self.grammar.advance(token)
         except ValueError as exc:
-            self.finish_reason = FinishReason.abort(f"Internal error: {exc}", 500, "InternalServerError")
+            self.finish_reason = FinishReason.abort(f"Constrained decoding failed: {exc}", 500, "InternalServerError")
             return
         if token in self.stop_ids:  # masked on device until min_new_tokens is reached
             self.finish_reason = FinishReason.stop_token(token)

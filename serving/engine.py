@@ -24,6 +24,7 @@ from checkpoints.resolve import resolve_model_dir
 from serving import expert_stats
 from serving.config import enable_compilation_cache, resolve_runtime_config
 from serving.faults import health_problem
+from serving.grammar import grammar_key, make_grammars
 from serving.logprobs import new_logprob_record
 from serving.memory import MemoryControl
 from serving.observers import finish_observers, internal_requests, observed_emit
@@ -71,10 +72,11 @@ class Engine:
         self.context_length = self.runner.context_length
         self.max_total_num_tokens = self.runner.kv_spec.max_total_tokens
         self.max_req_input_len = min(self.context_length - 1, self.max_total_num_tokens - 1)
-        self.tokenizer = None if args.skip_tokenizer_init else Tokenizer(
-            resolve_model_dir(args.tokenizer_path) if args.tokenizer_path else self.model_dir)
+        tokenizer_dir = resolve_model_dir(args.tokenizer_path) if args.tokenizer_path else self.model_dir
+        self.tokenizer = None if args.skip_tokenizer_init else Tokenizer(tokenizer_dir)
         self.vocab_size = self.config.vocab_size
         self.eos_token_ids = self._eos_ids()
+        self.grammars = make_grammars(args.grammar_backend, tokenizer_dir, self.vocab_size, self.eos_token_ids)
         self.weight_version = args.weight_version
         self.preferred_sampling_params = (
             json.loads(args.preferred_sampling_params) if args.preferred_sampling_params else None
@@ -88,7 +90,7 @@ class Engine:
         self.prefix_cache = PrefixCache(self.runner.kv_spec.num_pages, args.page_size,
                                         enable_radix=not args.disable_radix_cache)
         if args.precompile:
-            seconds = self.runner.precompile()
+            seconds = self.runner.precompile(token_bitmask_width=self.grammars.mask_width)
             logger.info("Compiled %d step buckets in %.1f s", len(self.runner.buckets()), seconds)
         self.expert_recorder = self._expert_recorder(args)
         self.scheduler = Scheduler(self.runner, self.prefix_cache, self.runtime)
@@ -182,7 +184,7 @@ class Engine:
             rid=item.rid, index=item.index, input_ids=input_ids, sampling=sp, task=task,
             max_new_tokens=max_new, seed=seed, stop_ids=stop_ids, stream=stream,
             stream_interval=sp.stream_interval or self.server_args.stream_interval, emit=emit,
-            detokenizer=detok,
+            detokenizer=detok, grammar=self.grammars.matcher(sp),
             logprobs=None if prefill_only else new_logprob_record(item.logprobs, input_ids, max_new, self.tokenizer),
         )
         if not prefill_only:  # an n > 1 prefix warm-up copy is not a request of its own
@@ -231,6 +233,8 @@ class Engine:
         self._claim_rids(rids)
         pending: set[str] = set()
         try:
+            if any(grammar_key(item.sampling) for item in request.items):  # compile off the event loop
+                await asyncio.to_thread(lambda: [self.grammars.matcher(item.sampling) for item in request.items])
             if request.n > 1 and not self.server_args.disable_radix_cache:
                 # Like SGLang: one prefill-only copy per prompt first, so the n samples share its prefix.
                 warm = {}
@@ -349,8 +353,12 @@ class Engine:
 
     # -- control and information (awaitables read on the scheduler thread, between two steps) --------
     async def flush_cache(self, timeout: float = 0.0) -> bool:
-        """Drop the prefix cache; False (nothing done) while requests hold pages after `timeout` seconds."""
-        return await self.generation.flush_cache(timeout)
+        """Drop the prefix cache (and the compiled grammars, as SGLang); False (nothing done) while requests
+        hold pages after `timeout` seconds."""
+        flushed = await self.generation.flush_cache(timeout)
+        if flushed:
+            self.grammars.clear()
+        return flushed
 
     async def expert_distribution(self, action: str) -> list[Path]:
         """`start`, `stop` or `dump` the expert-distribution record, on the scheduler thread between two

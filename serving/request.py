@@ -12,11 +12,14 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from serving.logprobs import LogprobRecord
 from serving.protocol import FinishReason, Output, SamplingParams
 from serving.tokenizer import IncrementalDetokenizer
+
+if TYPE_CHECKING:
+    from serving.grammar import GrammarMatcher
 
 
 class Task(enum.Enum):
@@ -46,6 +49,7 @@ class Request:
     # True for generate requests (the n > 1 warm-up copy exists to leave its prompt there); other tasks
     # may run with attention whose KV a causal decode must not reuse, so they never insert.
     cache_kv: bool | None = None
+    grammar: GrammarMatcher | None = None  # json_schema / regex / ebnf: masks every sampled token
     created: float = field(default_factory=time.monotonic)
     # time.monotonic() at its first admission and at its first output token (None until then): what
     # /metrics' queue-time and time-to-first-token histograms observe when the request finishes.
@@ -99,6 +103,13 @@ class Request:
         """Ids masked while `min_new_tokens` is not reached (EOS and stop ids)."""
         return sorted(self.stop_ids) if len(self.output_ids) < self.sampling.min_new_tokens else []
 
+    def step_grammar(self, num_new: int) -> GrammarMatcher | None:
+        """The matcher whose mask a step running `num_new` of its tokens needs: only when that step's token
+        is kept (a decode, or the last chunk of a prefill or of a retracted request's re-prefill)."""
+        if self.grammar is None or self.prefill_only or self.num_computed + num_new < self.total_len:
+            return None
+        return self.grammar
+
     def sampler_row(self) -> dict[str, float | int]:
         """This request's row of the sampler's batch (`SamplingBatch` fields, banned_ids apart)."""
         sp = self.sampling
@@ -111,12 +122,19 @@ class Request:
         if not self.output_ids:
             self.first_token_at = time.monotonic()
         self.output_ids.append(token)
+        try:  # a complete grammar ends the request (below), with the token as `matched`, like SGLang
+            grammar_done = self.grammar is not None and self.grammar.advance(token)
+        except ValueError as exc:
+            self.finish_reason = FinishReason.abort(f"Constrained decoding failed: {exc}", 500, "InternalServerError")
+            return
         if token in self.stop_ids:  # masked on device until min_new_tokens is reached
             self.finish_reason = FinishReason.stop_token(token)
         elif self.detokenizer is not None:
             before = len(self.detokenizer.text)
             self.detokenizer.add(token)
             self._check_stop_strings(before)
+        if self.finish_reason is None and grammar_done:
+            self.finish_reason = FinishReason.stop_token(token)
         if self.finish_reason is None and len(self.output_ids) >= self.max_new_tokens:
             self.finish_reason = FinishReason.max_length(self.max_new_tokens)
 

@@ -65,6 +65,7 @@ class HostBatch:
     penalties: dict[str, np.ndarray] | None = None  # PenaltyBatch fields (serving.penalties)
     logprobs: dict[str, np.ndarray] | None = None  # LogprobBatch fields (serving.logprobs)
     num_top: int = 0  # top logprobs per position (a static width of the logprob step)
+    token_bitmask: np.ndarray | None = None  # int32[num_seqs, words] when a sequence is constrained
 
 
 def _forward(bound: BoundParams, treedef, backend: AttentionBackend, param_leaves, kv_pages, inputs: StepInputs):
@@ -287,9 +288,13 @@ class ModelRunner:
         tokens, raw_logits, hidden = self._run(self._step, batch, len(host.input_ids))
         self.last_logprobs = None
         seqs = len(batch.logits_indices)
-        if host.penalties is not None:
-            penalties = PenaltyBatch(**PenaltyBatch.pad(host.penalties, seqs))
-            tokens = self._resample(self._penalise(raw_logits, penalties), batch.sampling)
+        if host.penalties is not None or host.token_bitmask is not None:
+            # Penalties and grammar masks apply to the step's logits in a small jit of their own: the model
+            # step never compiles a variant for them (a grammar-masked step doubled the start-up compile).
+            logits = raw_logits
+            if host.penalties is not None:
+                logits = self._penalise(raw_logits, PenaltyBatch(**PenaltyBatch.pad(host.penalties, seqs)))
+            tokens = self._resample(logits, batch.sampling, _pad_rows(host.token_bitmask, seqs))
         if host.logprobs is not None:
             logprobs = LogprobBatch(**LogprobBatch.pad(host.logprobs, seqs))
             num_top = min(host.num_top, raw_logits.shape[-1])  # the padded width may pass the vocabulary
@@ -331,10 +336,11 @@ class ModelRunner:
                          for name, value in aux.items()}
         return result
 
-    def precompile(self, progress: bool = True) -> float:
+    def precompile(self, progress: bool = True, token_bitmask_width: int | None = None) -> float:
         """Compile (and run once, on an all-padding batch that writes nothing) every bucket of the model's
-        step: the sampling step and the penalised steps' resampler, or for a pooled model the pooling step
-        with its own method."""
+        step: the sampling step and the resampler a penalised or constrained step runs after it (with
+        `token_bitmask_width`, a grammar backend is on, also its masked variant), or for a pooled model
+        the pooling step with its own method."""
         start = time.perf_counter()
         empty = HostBatch(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32), [],
                           np.zeros(0, np.int32), {})
@@ -345,8 +351,11 @@ class ModelRunner:
             else:
                 batch = self._pad(empty, tokens, seqs)
                 _, raw_logits, _ = jax.block_until_ready(self._run(self._step, batch, 0))
-                # The resampler a penalised step runs after the step: one shape per sequence bucket.
-                jax.block_until_ready(self._resample(raw_logits, batch.sampling))
+                # The resampler a penalised or constrained step runs after it: one shape per sequence bucket.
+                jax.block_until_ready(self._resample(raw_logits, batch.sampling, None))
+                if token_bitmask_width is not None:
+                    allow_all = np.full((len(raw_logits), token_bitmask_width), -1, np.int32)
+                    jax.block_until_ready(self._resample(raw_logits, batch.sampling, allow_all))
         return time.perf_counter() - start
 
     def reset_kv_cache(self) -> None:
@@ -355,3 +364,10 @@ class ModelRunner:
     def kv_cache_lost(self) -> bool:
         """Whether the cache array was donated to a step that then failed (its buffer is gone)."""
         return self.kv_pages.is_deleted()
+
+
+def _pad_rows(bitmask: np.ndarray | None, rows: int) -> np.ndarray | None:
+    """A grammar bitmask grown to the bucket's rows; padding rows allow everything (-1: every bit set)."""
+    if bitmask is None:
+        return None
+    return np.concatenate([bitmask, np.full((rows - len(bitmask), bitmask.shape[1]), -1, np.int32)])

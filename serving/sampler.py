@@ -88,11 +88,26 @@ def argmax_rows(x, lanes: int = 4096):
     return jnp.minimum(first, vocab - 1)
 
 
-def sample(logits, batch: SamplingBatch):
-    """Choose one token per row of `logits[S, vocab]` (float32)."""
+def apply_token_bitmask(logits, token_bitmask):
+    """Logits of the tokens a grammar forbids set to -inf. `token_bitmask` is `int32[S, W]`, W * 32 >=
+    vocab: bit `t % 32` of word `t // 32` set means token `t` is allowed (llguidance's layout; an
+    unconstrained row is all ones). Bits past the logits' width are ignored."""
+    shifts = jnp.arange(32, dtype=jnp.int32)
+    allowed = (token_bitmask[:, :, None] >> shifts) & 1  # arithmetic shift: the sign bit is word bit 31
+    allowed = allowed.reshape(token_bitmask.shape[0], -1)[:, : logits.shape[-1]]
+    return jnp.where(allowed.astype(bool), logits, -jnp.inf)
+
+
+def sample(logits, batch: SamplingBatch, token_bitmask=None):
+    """Choose one token per row of `logits[S, vocab]` (float32). `token_bitmask` (constrained decoding,
+    see `apply_token_bitmask`) is None when no row is constrained: that step compiles without it."""
     rows = jnp.arange(logits.shape[0])[:, None]
     banned = batch.banned_ids
     logits = logits.at[rows, jnp.where(banned >= 0, banned, logits.shape[-1])].set(-jnp.inf, mode="drop")
+    # The grammar's mask is the last transform before temperature and the top-k / top-p / min-p filters,
+    # as in SGLang, so those renormalize over the tokens the grammar allows.
+    if token_bitmask is not None:
+        logits = apply_token_bitmask(logits, token_bitmask)
     greedy_tokens = argmax_rows(logits)
     is_greedy = batch.temperature <= 0.0
 

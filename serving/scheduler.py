@@ -27,6 +27,7 @@ import numpy as np
 
 from serving.config import RuntimeConfig
 from serving.faults import StepWatchdog, fail_all, recover_lost_cache, step_failed
+from serving.grammar import token_bitmask
 from serving.logprobs import build_logprob_plan
 from serving.penalties import build_penalties
 from serving.prefix_cache import PrefixCache
@@ -340,7 +341,8 @@ class Scheduler(SchedulerInbox):
         arrays["banned_ids"] = banned
         return HostBatch(np.asarray(ids, np.int32), np.asarray(positions, np.int32),
                          np.asarray(kv_lens, np.int32), pages, np.asarray(q_lens, np.int32), arrays,
-                         penalties=build_penalties([r for r, _ in batch]))
+                         penalties=build_penalties([r for r, _ in batch]),
+                         token_bitmask=token_bitmask([r.step_grammar(n) for r, n in batch]))
 
     def process(self, batch: list[tuple[Request, int]], tokens: np.ndarray) -> int:
         """Apply a step's sampled tokens; returns how many tokens it generated."""

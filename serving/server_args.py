@@ -39,6 +39,8 @@ BACKEND_CHOICES = MOE_BACKENDS
 ATTENTION_BACKEND_CHOICES = ATTENTION_BACKENDS
 KV_CACHE_DTYPE_CHOICES = ("auto", "bf16", "bfloat16")
 KV_CACHE_DTYPES_LATER = ("fp8_e5m2", "fp8_e4m3", "fp4_e2m1")  # SGLang's other choices
+GRAMMAR_BACKEND_CHOICES = ("llguidance", "none")
+GRAMMAR_BACKENDS_LATER = ("xgrammar", "outlines")  # SGLang's other choices (serving/grammar.py says why)
 EXPERT_RECORDER_MODE_CHOICES = ("stat", "per_pass", "per_token")
 SAMPLING_DEFAULTS_CHOICES = ("model", "openai")
 LOAD_FORMAT_CHOICES = LOAD_FORMATS  # the formats the resolver tells apart
@@ -182,6 +184,10 @@ class ServerArgs:
         "auto", "MoE grouped-matmul implementation: auto (the Pallas kernel on TPU / GPU, jax.lax.ragged_dot "
         "elsewhere), pallas (the platform's Pallas kernel; interpret mode on CPU, slow), reference (ragged_dot).",
         type=str, choices=BACKEND_CHOICES)
+    grammar_backend: str | None = _arg(
+        None, "Constrained decoding (json_schema, regex, ebnf) backend: llguidance (omitted = llguidance) or "
+        "none (grammar keys answer 400). xgrammar and outlines are not supported yet.", type=str,
+        choices=GRAMMAR_BACKEND_CHOICES + GRAMMAR_BACKENDS_LATER)
     precompile: bool = _arg(True, "Do not compile every shape bucket at startup (compile on first use).",
                             flag="--disable-precompile")
     compilation_cache_dir: str | None = _arg(
@@ -218,6 +224,11 @@ class ServerArgs:
         self._check_choice("attention_backend", ATTENTION_BACKEND_CHOICES)
         self._check_choice("moe_backend", BACKEND_CHOICES)
         self._check_choice("sampling_defaults", SAMPLING_DEFAULTS_CHOICES)
+        if self.grammar_backend in GRAMMAR_BACKENDS_LATER:
+            raise ValueError(f"--grammar-backend {self.grammar_backend} is not supported yet; use llguidance "
+                             "(the default) or none.")
+        if self.grammar_backend is not None:
+            self._check_choice("grammar_backend", GRAMMAR_BACKEND_CHOICES)
         if self.expert_distribution_recorder_mode is not None:
             self._check_choice("expert_distribution_recorder_mode", EXPERT_RECORDER_MODE_CHOICES)
 

@@ -100,9 +100,6 @@ def test_sampling_range_messages(params, message):
 @pytest.mark.parametrize(
     ("params", "feature"),
     [
-        ({"json_schema": "{}"}, "json_schema"),
-        ({"regex": "[a-z]+"}, "regex"),
-        ({"ebnf": "root ::= 'a'"}, "ebnf"),
         ({"structural_tag": "{}"}, "structural_tag"),
         ({"custom_params": {}}, "custom_params"),
     ],

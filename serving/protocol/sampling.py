@@ -108,9 +108,9 @@ class SamplingParams:
             except re.error as exc:
                 raise RequestError(f"stop_regex {pattern!r} is not a valid regular expression: {exc}.") from None
         # Features a later issue brings: accepted only at their neutral value.
-        for key in ("json_schema", "regex", "ebnf", "structural_tag"):
-            if getattr(self, key) is not None:
-                raise unsupported(f"Constrained decoding ({key})")
+        # json_schema / regex / ebnf are compiled by the engine's grammar backend (serving/grammar.py).
+        if self.structural_tag is not None:
+            raise unsupported("Constrained decoding (structural_tag)")
         if self.custom_params is not None:
             raise unsupported("custom_params")
         # Normalize representations only after the messages above printed the values as given.

@@ -12,10 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import queue
 import random
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from serving.protocol import (
     parse_generate_request,
 )
 from serving.protocol.pooling import NormalizedEncode
+from serving.python_api import PythonAPI
 from serving.request import Request, Task
 from serving.runner import ModelRunner
 from serving.scheduler import Scheduler
@@ -53,7 +53,7 @@ from serving.weights import WeightControl
 logger = logging.getLogger(__name__)
 
 
-class Engine:
+class Engine(PythonAPI):
     def __init__(self, server_args: ServerArgs | None = None, **kwargs: Any):
         args = server_args or ServerArgs(**kwargs)
         self.server_args = args
@@ -301,51 +301,6 @@ class Engine:
     def steps_done(self) -> int:
         """Steps that completed: a health check counts any as progress (SGLang's busy-server rule)."""
         return self.scheduler.num_steps
-
-    # -- Python API (notebooks, scripts) ------------------------------------------------------------
-    async def async_generate(self, stream: bool = False, **body: Any):
-        request = self.parse({**body, "stream": stream})
-        if not stream:
-            return await self.generate_request(request)
-
-        async def chunks():
-            formatter = self.formatter(request)
-            async for out in self.stream_outputs(request):
-                yield formatter.chunk(out)
-
-        return chunks()
-
-    def generate(self, stream: bool = False, **body: Any):
-        """Same arguments and results as `/generate` (`text=`, `input_ids=`, `sampling_params=`, ...)."""
-        results: queue.Queue = queue.Queue()
-
-        def run() -> None:
-            async def consume():
-                result = await self.async_generate(stream=stream, **body)
-                if stream:
-                    async for chunk in result:
-                        results.put(("chunk", chunk))
-                else:
-                    results.put(("chunk", result))
-
-            try:
-                asyncio.run(consume())
-                results.put(("done", None))
-            except Exception as exc:
-                results.put(("error", exc))
-
-        threading.Thread(target=run, daemon=True).start()
-
-        def iterate() -> Iterator[dict]:
-            while True:
-                kind, value = results.get()
-                if kind == "done":
-                    return
-                if kind == "error":
-                    raise value
-                yield value
-
-        return iterate() if stream else next(iterate())
 
     async def update_weights_from_disk(self, request: UpdateWeightsRequest) -> dict[str, Any]:
         """Swap in another checkpoint between steps (serving/weights.py); the old weights stay on failure."""

@@ -27,14 +27,11 @@ import numpy as np
 
 from serving.config import RuntimeConfig
 from serving.faults import StepWatchdog, fail_all, recover_lost_cache, step_failed
-from serving.grammar import token_bitmask
+from serving.host_batch import build_host_batch
 from serving.logprobs import build_logprob_plan
-from serving.penalties import build_penalties
 from serving.prefix_cache import PrefixCache
 from serving.protocol import FinishReason
 from serving.request import Request, Task
-from serving.runner import HostBatch, next_pow2
-from serving.sampler import MAX_BANNED_IDS
 from serving.scheduler_inbox import SchedulerInbox, run_call
 from serving.scheduler_log import SchedulerLog
 
@@ -163,7 +160,7 @@ class Scheduler(SchedulerInbox):
             # one task, so a batch never mixes them).
             generate = batch[0][0].task is Task.GENERATE
             run = self.runner.run if generate else self.runner.run_pool
-            host = self._host_batch(batch)
+            host = build_host_batch(batch)
             plan = build_logprob_plan(batch) if generate else None
             if plan is not None:
                 host.logprobs, host.num_top = plan.host, plan.num_top
@@ -322,28 +319,6 @@ class Scheduler(SchedulerInbox):
         request.pages = []
 
     # -- after the step ---------------------------------------------------------------------------
-    def _host_batch(self, batch: list[tuple[Request, int]]) -> HostBatch:
-        ids, positions, kv_lens, q_lens, pages = [], [], [], [], []
-        rows = [r.sampler_row() for r, _ in batch]
-        bans = [r.banned_ids() for r, _ in batch]
-        # As wide as the longest list (every stop id stays banned until min_new_tokens is reached),
-        # rounded up to a power of two so only a few shapes ever compile beyond the precompiled one.
-        longest = max((len(b) for b in bans), default=0)
-        banned = np.full((len(batch), max(MAX_BANNED_IDS, next_pow2(longest))), -1, np.int32)
-        for i, (r, n) in enumerate(batch):
-            ids.extend(r.tokens(r.num_computed, r.num_computed + n))
-            positions.extend(range(r.num_computed, r.num_computed + n))
-            kv_lens.append(r.num_computed + n)
-            q_lens.append(n)
-            pages.append(r.pages)
-            banned[i, : len(bans[i])] = bans[i]
-        arrays = {key: np.asarray([row[key] for row in rows], dtype) for key, dtype in _SAMPLER_DTYPES.items()}
-        arrays["banned_ids"] = banned
-        return HostBatch(np.asarray(ids, np.int32), np.asarray(positions, np.int32),
-                         np.asarray(kv_lens, np.int32), pages, np.asarray(q_lens, np.int32), arrays,
-                         penalties=build_penalties([r for r, _ in batch]),
-                         token_bitmask=token_bitmask([r.step_grammar(n) for r, n in batch]))
-
     def process(self, batch: list[tuple[Request, int]], tokens: np.ndarray) -> int:
         """Apply a step's sampled tokens; returns how many tokens it generated."""
         self.num_steps += 1
@@ -411,7 +386,3 @@ class Scheduler(SchedulerInbox):
         if self.running or (self.waiting and not self.halted):
             return False
         return self.cache.flush()
-
-
-_SAMPLER_DTYPES = {"temperature": np.float32, "top_k": np.int32, "top_p": np.float32, "min_p": np.float32,
-                   "seeds": np.uint32, "steps": np.int32}

@@ -5,6 +5,7 @@ every operation it lists answers through the real server (anything but 404 / 405
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -27,10 +28,15 @@ def server(tiny_llama_dir):
     assert proc.stop() == 0
 
 
+def fake_engine(args: ServerArgs) -> SimpleNamespace:
+    return SimpleNamespace(server_args=args, tokenizer=None, model_dir=Path("/nonexistent"))
+
+
 @pytest.fixture(scope="module")
 def app():
-    """The app `serving.main` builds, without an engine: registration reads only the flags."""
-    app = create_app(SimpleNamespace(server_args=ServerArgs(enable_metrics=True)))
+    """The app `serving.main` builds, without an engine: registration reads only the flags, the tokenizer
+    (its chat template is checked at start-up) and the model directory (generation defaults)."""
+    app = create_app(fake_engine(ServerArgs(enable_metrics=True)))
     yield app
     Sanic.unregister_app(app)
 
@@ -58,7 +64,7 @@ def test_every_route_in_the_table_is_documented(app):
 def test_disable_openapi_doc(monkeypatch, app):
     Sanic.unregister_app(app)  # one app of that name at a time; the fixture's is registered again below
     monkeypatch.setenv("DISABLE_OPENAPI_DOC", "1")
-    without = create_app(SimpleNamespace(server_args=ServerArgs()))
+    without = create_app(fake_engine(ServerArgs()))
     try:
         paths = {"/" + route.path for route in without.router.routes}
         assert "/openapi.json" not in paths and "/metrics" not in paths and "/generate" in paths

@@ -154,9 +154,11 @@ def main() -> None:
         clients = [Client(url, vocab, deadline, seed, record) for seed in range(args.clients)]
         for client in clients:
             client.start()
-        while any(c.is_alive() for c in clients):
-            time.sleep(min(60.0, max(0.1, deadline - time.monotonic() + 0.1)))
-            memory.append((time.monotonic() - start, rss_mib(process.pid)))
+        while any(c.is_alive() for c in clients):  # a sample a minute, and one when the last client is done
+            time.sleep(0.5)
+            now = time.monotonic() - start
+            if now - memory[-1][0] >= 60 or not any(c.is_alive() for c in clients):
+                memory.append((now, rss_mib(process.pid)))
         settle = time.monotonic() + 60
         while requests.get(url + "/get_load", timeout=60).json()[0]["num_reqs"] and time.monotonic() < settle:
             time.sleep(0.5)

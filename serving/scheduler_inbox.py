@@ -17,8 +17,13 @@ if TYPE_CHECKING:
 
 
 class SchedulerInbox:
+    """Scheduler provides the state below and the two handlers `drain_inbox` calls: `_enqueue(request)`
+    and `_abort(rid, abort_all, exact, cause)`."""
+
     inbox: queue.SimpleQueue[tuple[str, Any]]
     idle_calls: list[tuple[Callable[[], Any], Future]]
+    _enqueue: Callable[[Request], None]
+    _abort: Callable[..., None]
 
     def submit(self, request: Request) -> None:
         self.inbox.put(("add", request))
@@ -61,12 +66,6 @@ class SchedulerInbox:
                 item = self.inbox.get_nowait()
             except queue.Empty:
                 return
-
-    def _enqueue(self, request: Request) -> None:
-        raise NotImplementedError  # Scheduler's
-
-    def _abort(self, rid: str, abort_all: bool, exact: bool = False, cause: str | None = None) -> None:
-        raise NotImplementedError  # Scheduler's
 
 
 def run_call(fn: Callable[[], Any], future: Future) -> None:

@@ -139,6 +139,15 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"), "llama")
 
 
+@pytest.fixture(scope="module")
+def hf_model(tiny_llama_dir, one_torch_thread):
+    """transformers' model of `tiny_llama_dir` (float32, eval): the reference the server tests compare with."""
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+
+
 def replayable_seed(env_var: str) -> int:
     """A fresh random seed each run, or `$env_var` to replay one; printed so a failure shows it."""
     seed = int(os.environ.get(env_var, int.from_bytes(os.urandom(4), "little")))

@@ -14,7 +14,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import transformers
 from tokenizers import Tokenizer
 
 from tests.conftest import ServerProcess, replayable_seed
@@ -30,11 +29,6 @@ def server(tiny_llama_dir):
     proc = ServerProcess(tiny_llama_dir, *FLAGS)
     yield proc
     assert proc.stop() == 0
-
-
-@pytest.fixture(scope="module")
-def hf_model(tiny_llama_dir, one_torch_thread):
-    return transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")

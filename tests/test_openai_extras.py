@@ -38,11 +38,6 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def hf_model(tiny_llama_dir):
-    return transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
 def hf_tokenizer(tiny_llama_dir):
     return transformers.AutoTokenizer.from_pretrained(tiny_llama_dir)
 

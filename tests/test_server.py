@@ -31,11 +31,6 @@ def server(tiny_llama_dir):
 
 
 @pytest.fixture(scope="module")
-def hf_model(tiny_llama_dir):
-    return transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
 def hf_tokenizer(tiny_llama_dir):
     return transformers.PreTrainedTokenizerFast(tokenizer_file=str(tiny_llama_dir / "tokenizer.json"))
 

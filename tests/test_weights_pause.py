@@ -10,8 +10,6 @@ import time
 import numpy as np
 import pytest
 import requests
-import torch
-import transformers
 
 from tests.conftest import ServerProcess, replayable_seed
 from tests.hf_reference import assert_greedy
@@ -28,11 +26,6 @@ def server(tiny_llama_dir):
     proc = ServerProcess(tiny_llama_dir, *FLAGS)
     yield proc
     assert proc.stop() == 0
-
-
-@pytest.fixture(scope="module")
-def hf_model(tiny_llama_dir, one_torch_thread):
-    return transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")

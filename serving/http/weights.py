@@ -62,18 +62,16 @@ def register(app: Sanic, engine: Engine) -> None:
     async def continue_generation(request: Request):
         return sanic_response.json(await engine.generation.resume())
 
-    @app.route("/release_memory_occupation", methods=["GET", "POST"], ignore_body=False)
-    async def release_memory_occupation(request: Request):
-        try:
-            await engine.memory.release(parse_memory_tags(read_json(request)))
-        except RequestError as exc:
-            return _refusal(exc)
-        return sanic_response.json(None)
+    def memory_route(path: str, action) -> None:
+        """/release_memory_occupation and /resume_memory_occupation: the same body (tags), one action each."""
 
-    @app.route("/resume_memory_occupation", methods=["GET", "POST"], ignore_body=False)
-    async def resume_memory_occupation(request: Request):
-        try:
-            await engine.memory.resume(parse_memory_tags(read_json(request)))
-        except RequestError as exc:
-            return _refusal(exc)
-        return sanic_response.json(None)
+        @app.route(path, methods=["GET", "POST"], ignore_body=False, name=path.strip("/"))
+        async def memory_occupation(request: Request):
+            try:
+                await action(parse_memory_tags(read_json(request)))
+            except RequestError as exc:
+                return _refusal(exc)
+            return sanic_response.json(None)
+
+    memory_route("/release_memory_occupation", lambda tags: engine.memory.release(tags))
+    memory_route("/resume_memory_occupation", lambda tags: engine.memory.resume(tags))

@@ -84,7 +84,7 @@ class Client(threading.Thread):
 
     def _events(self, response, limit: int | None = None) -> list[str]:
         events = []
-        for line in response.iter_lines(decode_unicode=True):
+        for line in (raw.decode("utf-8") for raw in response.iter_lines()):  # SSE lines end at CR/LF only
             if line:
                 events.append(line[len("data: "):])
                 if limit is not None and len(events) >= limit:

@@ -155,6 +155,14 @@ def replayable_seed(env_var: str) -> int:
     return seed
 
 
+def sse_lines(response):
+    """The lines of a streamed response, decoded. Not `iter_lines(decode_unicode=True)`: that splits with
+    `str.splitlines`, which also breaks at U+0085, U+2028 and U+2029, and random-weight models emit those
+    inside the JSON text (which leaves them unescaped, as SGLang's does). SSE lines end only at CR/LF."""
+    for line in response.iter_lines():
+        yield line.decode("utf-8")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

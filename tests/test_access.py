@@ -13,7 +13,7 @@ import time
 import pytest
 import requests
 
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, sse_lines
 
 KEY = "sk-test-\u00e9-key"  # non-ASCII on purpose: the comparison is on bytes
 AUTH = {"Authorization": f"Bearer {KEY}".encode()}
@@ -159,7 +159,7 @@ def test_queue_bound_503_and_get_load_in_flight(server):
     def run(name):
         body = {"input_ids": prompts[name], "rid": f"load-{name}", **long}
         with generate(server, body, stream=True) as r:
-            events = [line[6:] for line in r.iter_lines(decode_unicode=True) if line]
+            events = [line[6:] for line in sse_lines(r) if line]
         streams[name] = [json.loads(e) for e in events[:-1]]
 
     first = threading.Thread(target=run, args=("a",))

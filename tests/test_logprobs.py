@@ -16,7 +16,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from tests.conftest import ServerProcess, replayable_seed
+from tests.conftest import ServerProcess, replayable_seed, sse_lines
 
 VOCAB = 384
 TOLERANCE = 1e-4
@@ -140,7 +140,7 @@ def test_stream_logprobs_are_cumulative(server, rng):
     body = {"input_ids": prompt, "return_logprob": True, "top_logprobs_num": 2,
             "sampling_params": {"temperature": 0, "max_new_tokens": 6, "ignore_eos": True}}
     with server.post("/generate", json={**body, "stream": True}, stream=True) as r:
-        events = [line[len("data: "):] for line in r.iter_lines(decode_unicode=True) if line]
+        events = [line[len("data: "):] for line in sse_lines(r) if line]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     previous: list = []

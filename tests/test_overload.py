@@ -15,7 +15,7 @@ import requests
 import torch
 import transformers
 
-from tests.conftest import ServerProcess, replayable_seed
+from tests.conftest import ServerProcess, replayable_seed, sse_lines
 from tests.hf_reference import assert_greedy
 
 NEW_TOKENS = 12
@@ -51,7 +51,7 @@ def _send(url, ids, kind):
     with requests.post(url, json=_body(ids, True), stream=True, timeout=600) as r:
         assert r.status_code == 200
         chunks = []
-        for line in r.iter_lines(decode_unicode=True):
+        for line in sse_lines(r):
             if not line:
                 continue
             data = line[len("data: "):]

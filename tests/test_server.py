@@ -13,7 +13,7 @@ import requests
 import torch
 import transformers
 
-from tests.conftest import ServerProcess, make_tiny_checkpoint, replayable_seed
+from tests.conftest import ServerProcess, make_tiny_checkpoint, replayable_seed, sse_lines
 from tests.hf_reference import assert_greedy
 
 SERVER_FLAGS = ("--page-size", "4", "--max-total-tokens", "4096", "--max-running-requests", "8",
@@ -66,7 +66,7 @@ def wait_idle(server, timeout=30.0):
 
 def sse_events(response):
     events = []
-    for line in response.iter_lines(decode_unicode=True):
+    for line in sse_lines(response):
         if line:
             assert line.startswith("data: "), line
             events.append(line[len("data: "):])
@@ -275,7 +275,7 @@ def test_abort_request_finishes_with_abort_and_frees_pages(server):
     body = {"input_ids": random_ids(9), "rid": rid, "stream": True,
             "sampling_params": {"max_new_tokens": 200, "ignore_eos": True, "temperature": 0}}
     with requests.post(server.url + "/generate", json=body, stream=True, timeout=120) as r:
-        lines = r.iter_lines(decode_unicode=True)
+        lines = sse_lines(r)
         next(line for line in lines if line)  # the request is running
         assert server.post("/abort_request", json={"rid": rid}).status_code == 200
         events = [line[len("data: "):] for line in lines if line]
@@ -292,7 +292,7 @@ def test_client_disconnect_aborts_and_frees_pages(server):
     body = {"input_ids": random_ids(9), "stream": True,
             "sampling_params": {"max_new_tokens": 220, "ignore_eos": True, "temperature": 0}}
     r = requests.post(server.url + "/generate", json=body, stream=True, timeout=120)
-    lines = r.iter_lines(decode_unicode=True)
+    lines = sse_lines(r)
     next(line for line in lines if line)
     r.close()
     counts = wait_idle(server)

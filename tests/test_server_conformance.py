@@ -15,7 +15,7 @@ import threading
 import pytest
 import requests
 
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, sse_lines
 
 SERVED_NAME = "org/tiny-model"
 FLAGS = ("--page-size", "4", "--max-total-tokens", "4096", "--chunked-prefill-size", "32", "--random-seed", "0",
@@ -99,7 +99,7 @@ def test_duplicate_rid_in_flight_is_400(server):
     wait_idle(server)
     with requests.post(server.url + "/generate", json=body(150, rid="dup-1", stream=True), stream=True,
                        timeout=300) as first:
-        lines = first.iter_lines(decode_unicode=True)
+        lines = sse_lines(first)
         assert next(line for line in lines if line).startswith("data: ")  # dup-1 is running now
         again = server.post("/generate", json=body(4, rid="dup-1"))
         assert again.status_code == 400
@@ -121,7 +121,7 @@ def test_abort_is_logged_with_rid_and_reason(server):
     wait_idle(server)
     with requests.post(server.url + "/generate", json=body(150, rid="to-abort", stream=True), stream=True,
                        timeout=300) as r:
-        lines = r.iter_lines(decode_unicode=True)
+        lines = sse_lines(r)
         assert next(line for line in lines if line).startswith("data: ")
         assert server.post("/abort_request", json={"rid": "to-abort"}).status_code == 200
         events = [json.loads(line[6:]) for line in lines if line and line != "data: [DONE]"]
@@ -135,7 +135,7 @@ def test_abort_of_an_unknown_rid_is_ignored(server):
     wait_idle(server)
     with requests.post(server.url + "/generate", json=body(60, rid="keep-running", stream=True), stream=True,
                        timeout=300) as r:
-        lines = r.iter_lines(decode_unicode=True)
+        lines = sse_lines(r)
         assert next(line for line in lines if line).startswith("data: ")
         for stray in ({}, {"rid": ""}, {"rid": "keep"}, {"rid": "no-such-request"}):
             assert server.post("/abort_request", json=stray).status_code == 200
@@ -149,7 +149,7 @@ def test_stream_output_chunks_add_up_to_the_non_streamed_ids(server):
     whole = server.post("/generate", json=request).json()
     assert "text" not in whole and len(whole["output_ids"]) == 24
     with requests.post(server.url + "/generate", json={**request, "stream": True}, stream=True, timeout=300) as r:
-        events = [json.loads(line[6:]) for line in r.iter_lines(decode_unicode=True)
+        events = [json.loads(line[6:]) for line in sse_lines(r)
                   if line and line != "data: [DONE]"]
     streamed = [token for event in events for token in event["output_ids"]]
     assert len(events) > 1 and streamed == whole["output_ids"]

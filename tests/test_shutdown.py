@@ -12,7 +12,7 @@ import time
 import pytest
 import requests
 
-from tests.conftest import ServerProcess, make_tiny_checkpoint
+from tests.conftest import ServerProcess, make_tiny_checkpoint, sse_lines
 
 FLAGS = ("--page-size", "4", "--max-total-tokens", "8192", "--skip-server-warmup")
 LONG = 1500  # tokens: a few seconds of decoding, so the requests are still running at the signal
@@ -32,7 +32,7 @@ def _long_request(server, n, results, key):
 def _stream_until_first_chunk(server, n):
     r = requests.post(server.url + "/generate", json={"input_ids": [8, 9], "stream": True, "sampling_params": {
         "temperature": 0, "max_new_tokens": n, "ignore_eos": True}}, stream=True, timeout=300)
-    lines = r.iter_lines(decode_unicode=True)
+    lines = sse_lines(r)
     next(line for line in lines if line)
     return r, lines
 

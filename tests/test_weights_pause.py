@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import requests
 
-from tests.conftest import ServerProcess, replayable_seed
+from tests.conftest import ServerProcess, replayable_seed, sse_lines
 from tests.hf_reference import assert_greedy
 
 FLAGS = ("--page-size", "4", "--max-total-tokens", "2048", "--max-running-requests", "8",
@@ -58,7 +58,7 @@ class Stream:
 
     def _run(self, url: str, body: dict) -> None:
         with requests.post(url + "/generate", json=body, stream=True, timeout=300) as response:
-            for line in response.iter_lines(decode_unicode=True):
+            for line in sse_lines(response):
                 if line and line != "data: [DONE]":
                     self.chunks.append(json.loads(line[len("data: "):]))
                     self.first.set()

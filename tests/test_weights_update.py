@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from checkpoints.convert import main as convert_main
-from tests.conftest import ServerProcess, make_tiny_checkpoint, replayable_seed
+from tests.conftest import ServerProcess, make_tiny_checkpoint, replayable_seed, sse_lines
 from tests.hf_reference import assert_greedy
 
 FLAGS = ("--page-size", "4", "--max-total-tokens", "2048", "--max-running-requests", "16",
@@ -141,7 +141,7 @@ def test_an_update_while_16_streams_run_loses_no_request(server, checkpoints, hf
         body = {"input_ids": prompts[i], "stream": True,
                 "sampling_params": {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}}
         with requests.post(server.url + "/generate", json=body, stream=True, timeout=300) as response:
-            lines = (line for line in response.iter_lines(decode_unicode=True) if line)
+            lines = (line for line in sse_lines(response) if line)
             results[i].append(json.loads(next(lines)[len("data: "):]))
             started.wait()
             results[i].extend(json.loads(line[len("data: "):]) for line in lines if line != "data: [DONE]")
@@ -234,7 +234,7 @@ def test_is_async_swaps_without_waiting_for_requests_in_flight(server, checkpoin
         body = {"input_ids": ids, "stream": True, "sampling_params": {"temperature": 0, "max_new_tokens": 240,
                                                                       "ignore_eos": True}}
         with requests.post(server.url + "/generate", json=body, stream=True, timeout=300) as response:
-            for line in response.iter_lines(decode_unicode=True):
+            for line in sse_lines(response):
                 if line and line != "data: [DONE]":
                     chunks.append(json.loads(line[len("data: "):]))
                     first.set()

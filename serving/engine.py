@@ -272,7 +272,7 @@ class Engine(PythonAPI):
             formatter.collect(out)
         return formatter.response()
 
-    async def encode(self, request: NormalizedEncode) -> list[Output]:
+    async def encode_request(self, request: NormalizedEncode) -> list[Output]:
         """Embeddings / scores of a validated pooled request, in input order (serving/pooled_requests.py);
         RequestError on a generation model, pairs for a model that is not a cross-encoder, and so on."""
         return await run_pooled(self, request)
@@ -286,7 +286,7 @@ class Engine(PythonAPI):
                 if reason is not None and reason["type"] == "abort":  # e.g. refused by a full queue
                     raise RequestError(f"The probe request was aborted: {reason['message']}")
             else:
-                await self.encode(probe_request(body))
+                await self.encode_request(probe_request(body))
 
     @property
     def num_live_requests(self) -> int:

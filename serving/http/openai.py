@@ -55,7 +55,7 @@ def register(app: Sanic, engine: Engine) -> None:
     async def embeddings(request: Request):
         try:
             normalized = parse_embeddings_request(read_json(request))
-            outputs = await engine.encode(normalized)
+            outputs = await engine.encode_request(normalized)
         except RequestError as exc:
             return pooled_error(exc)
         return sanic_response.json(embeddings_response(normalized, outputs, engine.model_path))
@@ -65,7 +65,7 @@ def register(app: Sanic, engine: Engine) -> None:
         start = time.perf_counter()
         try:
             rerank_request = parse_rerank_request(read_json(request))
-            outputs = await engine.encode(rerank_request.encode_request())
+            outputs = await engine.encode_request(rerank_request.encode_request())
         except RequestError as exc:
             return pooled_error(exc)
         return sanic_response.json(rerank_response(rerank_request, outputs, engine.weight_version, start))

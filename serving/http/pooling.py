@@ -26,7 +26,7 @@ def register(app: Sanic, engine: Engine) -> None:
         start = time.perf_counter()
         try:
             normalized = parse_encode_request(read_json(request))
-            outputs = await engine.encode(normalized)
+            outputs = await engine.encode_request(normalized)
         except RequestError as exc:
             return error_response(str(exc), status=exc.status_code)
         return sanic_response.json(encode_response(normalized, outputs, engine.weight_version, start))

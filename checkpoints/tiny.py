@@ -9,6 +9,7 @@ from `seed`. Needs torch and transformers (the `dev` extra); the serving runtime
 from __future__ import annotations
 
 import json
+import warnings
 import zlib
 from pathlib import Path
 
@@ -30,7 +31,8 @@ def write_tokenizer(out: Path, vocab_size: int = 384) -> None:
     from tokenizers import ByteLevelBPETokenizer
 
     tok = ByteLevelBPETokenizer()
-    tok.train_from_iterator(CORPUS * 4, vocab_size=vocab_size, min_frequency=1, special_tokens=SPECIAL)
+    tok.train_from_iterator(CORPUS * 4, vocab_size=vocab_size, min_frequency=1, special_tokens=SPECIAL,
+                        show_progress=False)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "bos_token": None,
@@ -44,7 +46,7 @@ def write_pair_tokenizer(out: Path, vocab_size: int = 384) -> None:
 
     tok = ByteLevelBPETokenizer()
     tok.train_from_iterator(CORPUS * 4, vocab_size=vocab_size, min_frequency=1,
-                            special_tokens=["<s>", "<pad>", "</s>", "<unk>"])
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>"], show_progress=False)
     tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({
@@ -58,8 +60,10 @@ def make_tiny_checkpoint(out: Path, arch: str = "llama", *, seed: int = 0, **ove
     causal LMs: "llama-reward" / "qwen2-reward" (sequence classification, one label) and "xlm-roberta"
     (a cross-encoder, one label, with a pair tokenizer). `seed` is mixed with the architecture and the
     overrides, so two checkpoints built with one seed differ."""
-    import torch
-    import transformers
+    with warnings.catch_warnings():  # tqdm.auto, in a notebook without ipywidgets: text bars instead
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        import torch
+        import transformers
 
     out.mkdir(parents=True, exist_ok=True)
     common = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -100,5 +104,12 @@ def make_tiny_checkpoint(out: Path, arch: str = "llama", *, seed: int = 0, **ove
                 param.uniform_(0.5, 1.5)
             else:
                 param.normal_(0, 0.3)  # large enough that greedy decoding is not a constant loop
-    model.save_pretrained(out, safe_serialization=True)
+    # Quietly: a one-shard progress bar says nothing, and in a notebook it warns about missing widgets.
+    bars_were_on = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out, safe_serialization=True)
+    finally:
+        if bars_were_on:
+            transformers.utils.logging.enable_progress_bar()
     return out

@@ -87,8 +87,7 @@ INTRO = f"""# API reference
 the code, not this file. tests/test_docs_api.py fails when it is stale. -->
 
 pallas-serve speaks SGLang's native HTTP API and its OpenAI-compatible one: request and response bodies,
-status codes and error messages are SGLang's (`../shared/reference/api-contract.md` in the project's
-shared notes), so clients written for SGLang work unchanged. The walk-through
+status codes and error messages are SGLang's, so clients written for SGLang work unchanged. The walk-through
 [notebooks/native_api.ipynb](../notebooks/native_api.ipynb) shows the native routes with their outputs,
 and [notebooks/offline_engine.ipynb](../notebooks/offline_engine.ipynb) the same engine from Python
 without HTTP (`serving.engine.Engine`, whose keyword arguments are the flags below).

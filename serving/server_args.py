@@ -47,14 +47,11 @@ LOAD_FORMAT_CHOICES = LOAD_FORMATS  # the formats the resolver tells apart
 LOAD_FORMATS_LATER = ("pt", "npcache", "dummy", "sharded_state", "bitsandbytes", "layered", "remote",
                       "remote_instance")  # SGLang's other choices
 
-_ONE_DEVICE = "one device per server for now"
 # field -> (neutral value, why any other value is refused). At the neutral value the flag changes
 # nothing, which is exactly what the server does today; anything else asks for a feature that is not
 # there, so start-up refuses it rather than silently ignoring it.
 NOT_SUPPORTED_YET: dict[str, tuple[Any, str]] = {
-    "tp_size": (1, _ONE_DEVICE),
-    "dp_size": (1, _ONE_DEVICE),
-    "ep_size": (1, _ONE_DEVICE),
+    "dp_size": (1, "data-parallel replicas inside one server are not served yet; run one server per device group"),
 }
 
 
@@ -196,11 +193,13 @@ class ServerArgs:
     disable_compilation_cache: bool = _arg(False, "Do not use the persistent JAX compilation cache.")
 
     # Parallelism
-    tp_size: int = _arg(1, "Tensor-parallel degree: not supported yet (1 only).", type=int,
+    tp_size: int = _arg(1, "Tensor-parallel degree: attention heads, MLP columns / rows and the KV cache split "
+                        "over this many devices (must divide the head and KV-head counts).", type=int,
                         aliases=("--tensor-parallel-size",))
     dp_size: int = _arg(1, "Data-parallel degree: not supported yet (1 only).", type=int,
                         aliases=("--data-parallel-size",))
-    ep_size: int = _arg(1, "Expert-parallel degree: not supported yet (1 only).", type=int, aliases=("--ep",))
+    ep_size: int = _arg(1, "Expert-parallel degree: a MoE model's experts split over this many devices (must "
+                        "divide the expert count); with --tp-size, tp x ep devices.", type=int, aliases=("--ep",))
 
     # Expert-distribution recording (MoE)
     expert_distribution_recorder_mode: str | None = _arg(

@@ -14,8 +14,10 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from checkpoints.name_maps import weight_name_map_for
 from model.config import ModelConfig
 from model.sharding import MESH_AXES, kv_cache_spec, param_spec
 
@@ -41,10 +43,16 @@ class Placement:
             return dict.fromkeys(MESH_AXES, 1)
         return {name: int(size) for name, size in self.mesh.shape.items()}
 
-    def param_sharding(self, path: tuple[str, ...], ndim: int, stacked_axes: int) -> jax.sharding.Sharding:
-        if self.mesh is None:
-            return jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        return NamedSharding(self.mesh, param_spec(path, ndim, stacked_axes=stacked_axes))
+    def param_shardings(self, abstract_model: nnx.Module) -> dict[tuple[str, ...], jax.sharding.Sharding]:
+        """Param path -> where the loaders place it (`model.sharding.param_spec` on the mesh)."""
+        stacked = weight_name_map_for(abstract_model).stacked
+        out = {}
+        for path, leaf in nnx.to_flat_state(nnx.state(abstract_model, nnx.Param)):
+            key = tuple(str(k) for k in path)
+            spec = param_spec(key, len(leaf.shape), stacked_axes=int(key[0] in stacked))
+            out[key] = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if self.mesh is None
+                        else NamedSharding(self.mesh, spec))
+        return out
 
     def kv_cache_sharding(self, head_major: bool) -> jax.sharding.Sharding:
         if self.mesh is None:

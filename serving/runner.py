@@ -142,11 +142,7 @@ class ModelRunner:
                              f"the {self.attention.name.upper()} attention kernel takes q, k, v and the cache in "
                              "one dtype; use --dtype bfloat16 or --attention-backend reference")
         # Each param's sharding, fixed for the server's life: a swap or a resume places new params there too.
-        stacked = weight_name_map_for(self._abstract).stacked
-        self._param_shardings = {
-            path: self.placement.param_sharding(path, len(leaf.shape), int(path[0] in stacked))
-            for path, leaf in ((tuple(str(k) for k in p), v)
-                               for p, v in nnx.to_flat_state(nnx.state(self._abstract, nnx.Param)))}
+        self._param_shardings = self.placement.param_shardings(self._abstract)
         self.params, self._bound = self._arrange(self._load(self.model_dir))
         self.weight_bytes = params_bytes(self.params)
         per_device_weights = max(entry["weights_bytes"] for entry in self.device_memory())

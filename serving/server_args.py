@@ -47,11 +47,15 @@ LOAD_FORMAT_CHOICES = LOAD_FORMATS  # the formats the resolver tells apart
 LOAD_FORMATS_LATER = ("pt", "npcache", "dummy", "sharded_state", "bitsandbytes", "layered", "remote",
                       "remote_instance")  # SGLang's other choices
 
+_ONE_HOST = "one host per server for now: multi-host serving over jax.distributed is not served yet"
 # field -> (neutral value, why any other value is refused). At the neutral value the flag changes
 # nothing, which is exactly what the server does today; anything else asks for a feature that is not
 # there, so start-up refuses it rather than silently ignoring it.
 NOT_SUPPORTED_YET: dict[str, tuple[Any, str]] = {
     "dp_size": (1, "data-parallel replicas inside one server are not served yet; run one server per device group"),
+    "nnodes": (1, _ONE_HOST),
+    "node_rank": (0, _ONE_HOST),
+    "dist_init_addr": (None, _ONE_HOST),
 }
 
 
@@ -200,6 +204,10 @@ class ServerArgs:
                         aliases=("--data-parallel-size",))
     ep_size: int = _arg(1, "Expert-parallel degree: a MoE model's experts split over this many devices (must "
                         "divide the expert count); with --tp-size, tp x ep devices.", type=int, aliases=("--ep",))
+    nnodes: int = _arg(1, "Number of hosts: not supported yet (1 only).", type=int)
+    node_rank: int = _arg(0, "This host's rank among --nnodes: not supported yet (0 only).", type=int)
+    dist_init_addr: str | None = _arg(None, "Coordinator address (host:port) of a multi-host run: not supported "
+                                      "yet.", type=str)
 
     # Expert-distribution recording (MoE)
     expert_distribution_recorder_mode: str | None = _arg(

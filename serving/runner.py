@@ -145,7 +145,7 @@ class ModelRunner:
         self._param_shardings = self.placement.param_shardings(self._abstract)
         self.params, self._bound = self._arrange(self._load(self.model_dir))
         self.weight_bytes = params_bytes(self.params)
-        per_device_weights = max(entry["weights_bytes"] for entry in self.device_memory())
+        per_device_weights = max(entry["weights_bytes"] for entry in device_memory(self.placement, self.params, None))
 
         self.max_seqs = next_pow2(config.max_running_requests)
         self.max_tokens = next_pow2(max(config.max_step_tokens, self.max_seqs))
@@ -221,7 +221,7 @@ class ModelRunner:
 
     def device_memory(self) -> list[dict]:
         """Per device of the placement, the bytes of params and KV cache on it (`/get_server_info`)."""
-        return device_memory(self.placement, self._param_leaves, getattr(self, "kv_pages", None))
+        return device_memory(self.placement, self._param_leaves, self.kv_pages)
 
     def read_weights(self, model_dir: Path):
         """Load another checkpoint (safetensors or Orbax) of the same architecture and shapes onto the

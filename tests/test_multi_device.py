@@ -1,6 +1,6 @@
 """Tensor and expert parallelism through the real server, on 8 simulated CPU devices (float32, tiny
 checkpoints): greedy tokens match transformers (teacher-forced, `assert_greedy`) at --tp-size 2 and 4 and
---ep-size 2 and 4; `/get_server_info` reports the mesh, and each device holds its share of the sharded
+--ep-size 2 (with --tp-size 2) and 4; `/get_server_info` reports the mesh, and each device holds its share of the sharded
 weights and of the KV cache, exactly (`device_memory`, measured from the arrays' shards); weight swaps,
 memory release / resume and exact expert counts keep working on the mesh; bad meshes are refused at start."""
 
@@ -31,26 +31,25 @@ def generate(server, prompts):
     return [out["output_ids"] for out in r.json()]
 
 
-def expected_weight_bytes(hf, sharded, ways: int) -> int:
-    """Bytes of float32 weights one device should hold: the replicated params whole, the sharded ones /ways."""
-    total = 0
-    for name, param in hf.named_parameters():
-        size = param.numel() * 4
-        total += size // ways if sharded(name) else size
-    return total
+def expected_weight_bytes(hf, ways) -> int:
+    """Bytes of float32 weights one device should hold: each param divided by `ways(name)` (1: replicated)."""
+    return sum(param.numel() * 4 // ways(name) for name, param in hf.named_parameters())
 
 
-def check_device_memory(server, hf, axes: dict[str, int], sharded, ways: int) -> list[dict]:
+def check_device_memory(server, hf, axes: dict[str, int], ways) -> list[dict]:
     info = server.get("/get_server_info").json()
     assert info["mesh"] == axes
     memory = info["device_memory"]
     assert len(memory) == axes["tensor"] * axes["expert"] and len({m["device"] for m in memory}) == len(memory)
-    want = expected_weight_bytes(hf, sharded, ways)
-    assert [m["weights_bytes"] for m in memory] == [want] * len(memory)
+    assert [m["weights_bytes"] for m in memory] == [expected_weight_bytes(hf, ways)] * len(memory)
     kv_total = info["internal_states"][0]["memory_usage"]["kvcache"] * 2**30
-    kv_shards = axes["tensor"]
-    assert [m["kv_cache_bytes"] for m in memory] == [pytest.approx(kv_total / kv_shards)] * len(memory)
+    assert [m["kv_cache_bytes"] for m in memory] == [pytest.approx(kv_total / axes["tensor"])] * len(memory)
     return memory
+
+
+def tensor_parallel(tp: int):
+    """`ways` of a model whose attention and dense / shared-expert MLP are split `tp` ways."""
+    return lambda name: tp if any(part in name for part in TENSOR_PARALLEL) else 1
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +74,7 @@ def test_tensor_parallel_greedy_memory_and_weight_control(tp_server, llama):
     outputs = generate(server, prompts)
     for prompt, out in zip(prompts, outputs, strict=True):
         assert_greedy(hf, prompt, out, NEW_TOKENS, label=f"tp {tp}")
-    memory = check_device_memory(server, hf, {"data": 1, "tensor": tp, "expert": 1},
-                                 lambda name: any(part in name for part in TENSOR_PARALLEL), tp)
+    memory = check_device_memory(server, hf, {"data": 1, "tensor": tp, "expert": 1}, tensor_parallel(tp))
     if tp != 2:
         return
     # A swap and a release / resume place the weights back onto the same shardings; outputs are unchanged.
@@ -92,19 +90,22 @@ def test_tensor_parallel_greedy_memory_and_weight_control(tp_server, llama):
     assert generate(server, prompts[:1]) == outputs[:1]
 
 
-@pytest.fixture(scope="module", params=[2, 4])
+@pytest.fixture(scope="module", params=[(1, 4), (2, 2)], ids=["ep4", "tp2-ep2"])
 def ep_server(request, tmp_path_factory, one_torch_thread):
+    tp, ep = request.param
     path = make_tiny_checkpoint(tmp_path_factory.mktemp("ep-moe"), "qwen2_moe")
     dump_dir = tmp_path_factory.mktemp("ep-dumps")
-    server = ServerProcess(path, *FLAGS, "--ep-size", str(request.param), "--expert-distribution-recorder-mode",
-                           "stat", env={**DEVICES, "SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR": str(dump_dir)})
+    server = ServerProcess(path, *FLAGS, "--tp-size", str(tp), "--ep-size", str(ep),
+                           "--expert-distribution-recorder-mode", "stat",
+                           env={**DEVICES, "SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR": str(dump_dir)})
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    yield server, request.param, hf, dump_dir
+    yield server, tp, ep, hf, dump_dir
     assert server.stop() == 0
 
 
 def test_expert_parallel_greedy_exact_counts_and_memory(ep_server):
-    server, ep, hf, dump_dir = ep_server
+    """Experts over `expert` (with tp 2 also attention and the shared expert over `tensor`)."""
+    server, tp, ep, hf, dump_dir = ep_server
     config = hf.config
     rng = np.random.default_rng()
     prompts = [rng.integers(1, 384, size=n).tolist() for n in (4, 19)]
@@ -112,13 +113,15 @@ def test_expert_parallel_greedy_exact_counts_and_memory(ep_server):
     outputs = generate(server, prompts)
     expected = np.zeros((config.num_hidden_layers, config.num_experts), np.int64)
     for prompt, out in zip(prompts, outputs, strict=True):
-        assert_greedy(hf, prompt, out, NEW_TOKENS, label=f"ep {ep}")
+        assert_greedy(hf, prompt, out, NEW_TOKENS, label=f"tp {tp} ep {ep}")
         ids = hf_router_choices(hf, prompt + out[:-1])
         for layer in range(config.num_hidden_layers):
             expected[layer] += np.bincount(ids[layer].ravel(), minlength=config.num_experts)
     arrays, _ = dump(server, dump_dir)
     np.testing.assert_array_equal(arrays["logical_count"].sum(axis=0), expected)
-    check_device_memory(server, hf, {"data": 1, "tensor": 1, "expert": ep}, lambda name: ".experts." in name, ep)
+    dense = tensor_parallel(tp)
+    check_device_memory(server, hf, {"data": 1, "tensor": tp, "expert": ep},
+                        lambda name: ep if ".experts." in name else dense(name))
 
 
 def test_meshes_that_do_not_fit_are_refused():

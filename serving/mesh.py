@@ -9,13 +9,15 @@ evenly over the mesh is refused here, at start-up, with the reason.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from checkpoints.name_maps import weight_name_map_for
 from model.config import ModelConfig
@@ -28,9 +30,14 @@ class MeshError(ValueError):
 
 @dataclass(frozen=True)
 class Placement:
-    """Where params and the KV cache live: on `mesh` when one is used, else on the first device."""
+    """Where params and the KV cache live: on `mesh` when one is used, else on the first device.
+
+    `kv_replication`: with more tensor shards than KV heads, each KV head is held by this many shards
+    (the one its shard's query heads read): the served model has `num_kv_heads * kv_replication` KV heads,
+    K/V projections with each head's columns repeated (`replicate_kv_heads`), and a cache to match."""
 
     mesh: Mesh | None
+    kv_replication: int = 1
 
     @property
     def devices(self) -> list[Any]:
@@ -63,6 +70,55 @@ class Placement:
     def kv_head_shards(self) -> int:
         return 1 if self.mesh is None else int(self.mesh.shape["tensor"])
 
+    def served_config(self, config: ModelConfig) -> ModelConfig:
+        """The config the step runs: the checkpoint's, with the KV heads replicated as this placement needs."""
+        if self.kv_replication == 1:
+            return config
+        return dataclasses.replace(config, num_kv_heads=config.num_kv_heads * self.kv_replication)
+
+    def load_shardings(self, served: dict[tuple[str, ...], jax.sharding.Sharding]) -> dict:
+        """Where the loaders put each checkpoint tensor: the served sharding, except K/V projections that
+        get their heads replicated after loading (they load whole onto every device: their columns split
+        `tp` ways would cut heads apart)."""
+        if self.kv_replication == 1:
+            return served
+        whole = NamedSharding(self.mesh, PartitionSpec())
+        return {path: whole if _is_kv_projection(path) else sharding for path, sharding in served.items()}
+
+    def replicate_kv_heads(self, state: nnx.State, served: dict[tuple[str, ...], jax.sharding.Sharding],
+                           head_dim: int) -> nnx.State:
+        """Each K/V projection's head columns (kernel and bias) repeated `kv_replication` times in place,
+        head by head, placed onto the served sharding: tensor shard `i` then holds KV head
+        `i // kv_replication`, the one its query heads belong to."""
+        if self.kv_replication == 1:
+            return state
+        for path, leaf in nnx.to_flat_state(state):
+            key = tuple(str(k) for k in path)
+            if _is_kv_projection(key):
+                repeat = jax.jit(functools.partial(_repeat_heads, head_dim=head_dim, times=self.kv_replication),
+                                 out_shardings=served[key])
+                leaf.set_value(repeat(leaf.get_value()))
+        return state
+
+    def checkpoint_value(self, path: tuple[str, ...], value: jax.Array, head_dim: int) -> jax.Array:
+        """A served param's value as the checkpoint holds it: `replicate_kv_heads` undone."""
+        if self.kv_replication == 1 or not _is_kv_projection(path):
+            return value
+        heads = value.shape[-1] // head_dim
+        split = value.reshape(*value.shape[:-1], heads, head_dim)
+        return split[..., :: self.kv_replication, :].reshape(*value.shape[:-1], -1)
+
+
+def _is_kv_projection(path: tuple[str, ...]) -> bool:
+    return len(path) >= 2 and path[-2] in ("k_proj", "v_proj")
+
+
+def _repeat_heads(value: jax.Array, *, head_dim: int, times: int) -> jax.Array:
+    """`[..., heads * head_dim]` -> `[..., heads * times * head_dim]`, each head's columns `times` in a row."""
+    heads = value.shape[-1] // head_dim
+    split = value.reshape(*value.shape[:-1], heads, head_dim)
+    return jax.numpy.repeat(split, times, axis=-2).reshape(*value.shape[:-1], heads * times * head_dim)
+
 
 def plan_placement(config: ModelConfig, *, tp_size: int, ep_size: int, is_encoder: bool = False,
                    devices: list[Any] | None = None) -> Placement:
@@ -85,15 +141,14 @@ def plan_placement(config: ModelConfig, *, tp_size: int, ep_size: int, is_encode
         if config.num_experts % ep_size:
             raise MeshError(f"--ep-size {ep_size} must divide the number of experts ({config.num_experts})")
     grid = np.array(devices[:needed], dtype=object).reshape(1, tp_size, ep_size)
-    return Placement(Mesh(grid, MESH_AXES))
+    return Placement(Mesh(grid, MESH_AXES), kv_replication=max(tp_size // config.num_kv_heads, 1))
 
 
 def _check_divides(config: ModelConfig, tp_size: int) -> None:
-    if config.num_kv_heads % tp_size:
-        if tp_size > config.num_kv_heads:
-            raise MeshError(f"--tp-size {tp_size} above the number of KV heads ({config.num_kv_heads}) needs the "
-                            "KV heads replicated, which is not supported yet")
-        raise MeshError(f"--tp-size {tp_size} must divide the number of KV heads ({config.num_kv_heads})")
+    kv_heads = config.num_kv_heads
+    if kv_heads % tp_size and (tp_size < kv_heads or tp_size % kv_heads):
+        raise MeshError(f"--tp-size {tp_size} must divide the number of KV heads ({kv_heads}) or be a multiple "
+                        "of it (KV heads are then replicated)")
     sizes = {"attention heads": config.num_heads, "intermediate_size": config.intermediate_size}
     if config.shared_expert_intermediate_size:
         sizes["shared_expert_intermediate_size"] = config.shared_expert_intermediate_size

@@ -131,10 +131,13 @@ class ModelRunner:
         self.placement = plan_placement(self.config, tp_size=config.tp_size, ep_size=config.ep_size,
                                         is_encoder=self.is_encoder)
         self._abstract = self._abstract_model(self.config)
+        # What the step runs: the checkpoint's model, or with KV heads replicated (tp above the KV heads).
+        served = self.placement.served_config(self.config)
+        self._served_abstract = self._abstract if served is self.config else self._abstract_model(served)
         shards = self.placement.kv_head_shards  # each attention call sees its shard's KV heads
         self.attention = resolve_attention_backend(
             config.attention_backend, head_dim=self.config.head_dim, page_size=config.page_size,
-            num_kv_heads=self.config.num_kv_heads // shards, cache_dtype=self.kv_dtype, platform=config.platform)
+            num_kv_heads=served.num_kv_heads // shards, cache_dtype=self.kv_dtype, platform=config.platform)
         if shards > 1:
             self.attention = dataclasses.replace(self.attention, mesh=self.placement.mesh)
         if self.attention.writes_in_step and self.kv_dtype != self.dtype:
@@ -142,7 +145,8 @@ class ModelRunner:
                              f"the {self.attention.name.upper()} attention kernel takes q, k, v and the cache in "
                              "one dtype; use --dtype bfloat16 or --attention-backend reference")
         # Each param's sharding, fixed for the server's life: a swap or a resume places new params there too.
-        self._param_shardings = self.placement.param_shardings(self._abstract)
+        self._param_shardings = self.placement.param_shardings(self._served_abstract)
+        self._load_shardings = self.placement.load_shardings(self._param_shardings)
         self.params, self._bound = self._arrange(self._load(self.model_dir))
         self.weight_bytes = params_bytes(self.params)
         per_device_weights = max(entry["weights_bytes"] for entry in device_memory(self.placement, self.params, None))
@@ -150,7 +154,7 @@ class ModelRunner:
         self.max_seqs = next_pow2(config.max_running_requests)
         self.max_tokens = next_pow2(max(config.max_step_tokens, self.max_seqs))
         self.kv_spec: KVCacheSpec = plan_kv_cache(
-            self.config, page_size=config.page_size, weight_bytes=per_device_weights, kv_head_shards=shards,
+            served, page_size=config.page_size, weight_bytes=per_device_weights, kv_head_shards=shards,
             dtype=self.attention.storage_dtype, max_total_tokens=config.max_total_tokens,
             mem_fraction_static=config.mem_fraction_static, max_running_requests=config.max_running_requests,
             context_length=self.context_length, head_major=self.attention.head_major,
@@ -212,11 +216,13 @@ class ModelRunner:
         self._param_leaves, self._param_treedef = leaves, treedef
 
     def _load(self, model_dir: Path):
-        return load_checkpoint(self._abstract, model_dir, self.dtype, sharding_for=self._param_shardings.__getitem__)
+        return load_checkpoint(self._abstract, model_dir, self.dtype, sharding_for=self._load_shardings.__getitem__)
 
     def _arrange(self, state):
-        """Params arranged for the step; unfused on a mesh (`model.sharding` says why)."""
-        return arrange_params(self._abstract, state, unroll=self.runtime.unroll_layers,
+        """Params arranged for the step (KV heads replicated where the placement says); unfused on a mesh
+        (`model.sharding` says why)."""
+        state = self.placement.replicate_kv_heads(state, self._param_shardings, self.config.head_dim)
+        return arrange_params(self._served_abstract, state, unroll=self.runtime.unroll_layers,
                               fuse=self.placement.mesh is None)
 
     def device_memory(self) -> list[dict]:

@@ -47,15 +47,22 @@ def check_device_memory(server, hf, axes: dict[str, int], ways) -> list[dict]:
     return memory
 
 
-def tensor_parallel(tp: int):
-    """`ways` of a model whose attention and dense / shared-expert MLP are split `tp` ways."""
-    return lambda name: tp if any(part in name for part in TENSOR_PARALLEL) else 1
+def tensor_parallel(tp: int, kv_heads: int):
+    """`ways` of a model whose attention and dense / shared-expert MLP are split `tp` ways; K/V projections
+    split at most `kv_heads` ways (above that each device holds one KV head, replicated)."""
+    def ways(name: str) -> int:
+        if "k_proj" in name or "v_proj" in name:
+            return min(tp, kv_heads)
+        return tp if any(part in name for part in TENSOR_PARALLEL) else 1
+
+    return ways
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory, one_torch_thread):
+    # 2 KV heads: at tp 4 each is replicated on two shards (Placement.kv_replication).
     path = make_tiny_checkpoint(tmp_path_factory.mktemp("tp-llama"), "llama", num_attention_heads=8,
-                                num_key_value_heads=4)
+                                num_key_value_heads=2)
     return path, transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
@@ -74,7 +81,13 @@ def test_tensor_parallel_greedy_memory_and_weight_control(tp_server, llama):
     outputs = generate(server, prompts)
     for prompt, out in zip(prompts, outputs, strict=True):
         assert_greedy(hf, prompt, out, NEW_TOKENS, label=f"tp {tp}")
-    memory = check_device_memory(server, hf, {"data": 1, "tensor": tp, "expert": 1}, tensor_parallel(tp))
+    memory = check_device_memory(server, hf, {"data": 1, "tensor": tp, "expert": 1},
+                                 tensor_parallel(tp, hf.config.num_key_value_heads))
+    # Sharded (and at tp 4 head-replicated) params read back as the checkpoint holds them.
+    for name in ("model.layers.1.self_attn.k_proj.weight", "model.layers.0.self_attn.o_proj.weight"):
+        reply = server.post("/get_weights_by_name", json={"name": name, "truncate_size": 100})
+        assert reply.status_code == 200, reply.text
+        np.testing.assert_array_equal(np.asarray(reply.json(), np.float32), hf.state_dict()[name].numpy())
     if tp != 2:
         return
     # A swap and a release / resume place the weights back onto the same shardings; outputs are unchanged.
@@ -119,7 +132,7 @@ def test_expert_parallel_greedy_exact_counts_and_memory(ep_server):
             expected[layer] += np.bincount(ids[layer].ravel(), minlength=config.num_experts)
     arrays, _ = dump(server, dump_dir)
     np.testing.assert_array_equal(arrays["logical_count"].sum(axis=0), expected)
-    dense = tensor_parallel(tp)
+    dense = tensor_parallel(tp, config.num_key_value_heads)
     check_device_memory(server, hf, {"data": 1, "tensor": tp, "expert": ep},
                         lambda name: ep if ".experts." in name else dense(name))
 
@@ -129,7 +142,8 @@ def test_meshes_that_do_not_fit_are_refused():
                                     "hidden_size": 96, "intermediate_size": 96, "num_hidden_layers": 1,
                                     "num_attention_heads": 12, "num_key_value_heads": 4})
     devices = [object()] * 8
-    cases = {(8, 1): "above the number of KV heads (4) needs the KV heads replicated, which is not supported yet",
+    cases = {(8, 1): "--tp-size 8 must divide the number of attention heads (12)",
+             (6, 1): "--tp-size 6 must divide the number of KV heads (4) or be a multiple of it",
              (3, 1): "--tp-size 3 must divide the number of KV heads (4)",
              (1, 2): "--ep-size 2 needs a mixture-of-experts model",
              (4, 4): "--tp-size 4 x --ep-size 4 needs 16 devices"}

@@ -29,7 +29,7 @@ from model.decoder import DecoderModel
 from model.interface import StepInputs
 from model.layers import Dense, GatedMLP
 from model.llama import LlamaDecoderLayer
-from model.sharding import EXPERT
+from model.sharding import EXPERT_DEVICES
 
 
 class StackedKernel(nnx.Module):
@@ -74,17 +74,18 @@ def routed_experts(experts: ExpertWeights, x, weights, expert_ids, valid, *, bac
 
 
 def expert_parallel_experts(experts: ExpertWeights, x, weights, expert_ids, valid, *, backend: str, mesh):
-    """`routed_experts` with the experts split over `mesh`'s `expert` axis (`--ep-size`): every device
-    holds all tokens (they are replicated over the axis, so no all-to-all is needed to bring them), runs
-    only the copies routed to its own experts, and a `psum` adds the shards' partial outputs."""
+    """`routed_experts` with the experts split over the devices of `mesh` (`model.sharding.EXPERT_DEVICES`:
+    its `tensor` and `expert` axes): every device holds all tokens (they are replicated, so no all-to-all
+    is needed to bring them), runs only the copies routed to its own experts, and a `psum` adds the
+    devices' partial outputs."""
     input_kernels = experts.input_kernels()
 
     def shard(x, weights, expert_ids, valid, input_kernels, down):
-        first_expert = jax.lax.axis_index(EXPERT) * down.shape[0]
+        first_expert = jax.lax.axis_index(EXPERT_DEVICES) * down.shape[0]
         out = _experts_from(input_kernels, down, x, weights, expert_ids, valid, first_expert, backend=backend)
-        return jax.lax.psum(out, EXPERT)
+        return jax.lax.psum(out, EXPERT_DEVICES)
 
-    whole, by_expert = PartitionSpec(), PartitionSpec(EXPERT, None, None)
+    whole, by_expert = PartitionSpec(), PartitionSpec(EXPERT_DEVICES, None, None)
     return shard_map(shard, mesh, in_specs=(whole, whole, whole, whole, (by_expert,) * len(input_kernels),
                                             by_expert), out_specs=whole)(
         x, weights, expert_ids, valid, input_kernels, experts.down_proj.kernel[...])
@@ -123,7 +124,7 @@ class SparseMoeBlock(nnx.Module):
         self.top_k = config.num_experts_per_tok
         self.renormalize = config.norm_topk_prob
         self.moe_backend = moe_backend
-        self.expert_mesh = None  # a jax Mesh with an `expert` axis under --ep-size (static, set by the model)
+        self.expert_mesh = None  # the device mesh the experts are split over (static, set by the model)
 
     def fuse_projections(self) -> None:
         self.experts.fuse_projections()

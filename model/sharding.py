@@ -8,7 +8,7 @@ Megatron-style tensor parallelism, which XLA SPMD turns into one all-reduce afte
 | `o_proj` kernel `[heads * head_dim, hidden]` | rows over `tensor` | consumes the local heads' outputs; partial sums all-reduced |
 | `gate_proj`, `up_proj` (dense MLP, shared expert) | columns over `tensor` | SwiGLU is elementwise per column |
 | `down_proj` (dense MLP, shared expert) | rows over `tensor` | as `o_proj` |
-| routed experts `[E, in, out]` | experts over `expert` | `model.qwen2_moe` runs them under `shard_map` |
+| routed experts `[E, in, out]` | experts over `tensor` x `expert` (every device of the mesh) | `model.qwen2_moe` runs them under `shard_map` |
 | embeddings, LM head, norms, routers, q/k norms, heads of pooled models | replicated | see below |
 
 Embeddings and LM head stay replicated: the step samples from full-vocabulary logits on every device
@@ -27,6 +27,9 @@ TENSOR = "tensor"
 EXPERT = "expert"
 DATA = "data"
 MESH_AXES = (DATA, TENSOR, EXPERT)
+# The routed experts go over both model axes: with --tp-size alone a MoE model's experts (most of its
+# weights) still split over the devices, and --ep-size adds devices that hold experts only.
+EXPERT_DEVICES = (TENSOR, EXPERT)
 
 _COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 _ROW_PARALLEL = ("o_proj", "down_proj")
@@ -37,8 +40,8 @@ def param_spec(path: tuple[str, ...], ndim: int, *, stacked_axes: int) -> Partit
     """The spec of param `path` (`("layers", "self_attn", "q_proj", "kernel")`, ...) with `ndim` dims, of
     which the first `stacked_axes` index layers (the scan's stacked params), not values."""
     lead = (None,) * stacked_axes
-    if _EXPERTS in path:  # routed experts: [E, in, out] after the layer axis
-        return PartitionSpec(*lead, EXPERT, *(None,) * (ndim - stacked_axes - 1))
+    if _EXPERTS in path:  # routed experts: [E, in, out] after the layer axis, over every device of the mesh
+        return PartitionSpec(*lead, EXPERT_DEVICES, *(None,) * (ndim - stacked_axes - 1))
     module, leaf = (path[-2], path[-1]) if len(path) >= 2 else ("", path[-1])
     value_dims = ndim - stacked_axes
     if module in _COLUMN_PARALLEL:  # kernel [in, out] or bias [out]: the output columns

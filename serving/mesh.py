@@ -135,11 +135,11 @@ def plan_placement(config: ModelConfig, *, tp_size: int, ep_size: int, is_encode
         raise MeshError(f"--tp-size / --ep-size with an encoder model ({config.architecture}) is not supported yet")
     if tp_size > 1:
         _check_divides(config, tp_size)
-    if ep_size > 1:
-        if not config.num_experts:
-            raise MeshError(f"--ep-size {ep_size} needs a mixture-of-experts model; {config.architecture} has no experts")
-        if config.num_experts % ep_size:
-            raise MeshError(f"--ep-size {ep_size} must divide the number of experts ({config.num_experts})")
+    if ep_size > 1 and not config.num_experts:
+        raise MeshError(f"--ep-size {ep_size} needs a mixture-of-experts model; {config.architecture} has no experts")
+    if config.num_experts % needed:  # the experts go over every device (model.sharding.EXPERT_DEVICES)
+        raise MeshError(f"--tp-size {tp_size} x --ep-size {ep_size} must divide the number of experts "
+                        f"({config.num_experts})")
     grid = np.array(devices[:needed], dtype=object).reshape(1, tp_size, ep_size)
     return Placement(Mesh(grid, MESH_AXES), kv_replication=max(tp_size // config.num_kv_heads, 1))
 

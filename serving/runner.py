@@ -194,8 +194,7 @@ class ModelRunner:
         cls = model_class_for(config, self.runtime.is_embedding)
         options = {}
         if getattr(cls, "takes_moe_backend", False):
-            expert_mesh = self.placement.mesh if self.runtime.ep_size > 1 else None
-            options = {"moe_backend": self.runtime.moe_backend, "expert_mesh": expert_mesh}
+            options = {"moe_backend": self.runtime.moe_backend, "expert_mesh": self.placement.mesh}
         return nnx.eval_shape(lambda: cls(config, dtype=self.dtype, rngs=nnx.Rngs(0), **options))
 
     @property

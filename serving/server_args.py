@@ -197,13 +197,14 @@ class ServerArgs:
     disable_compilation_cache: bool = _arg(False, "Do not use the persistent JAX compilation cache.")
 
     # Parallelism
-    tp_size: int = _arg(1, "Tensor-parallel degree: attention heads, MLP columns / rows and the KV cache split "
-                        "over this many devices (must divide the head and KV-head counts).", type=int,
+    tp_size: int = _arg(1, "Tensor-parallel degree: attention heads, MLP columns / rows, a MoE model's experts and "
+                        "the KV cache split over this many devices (must divide the attention heads; KV heads are "
+                        "replicated when it is a multiple of them).", type=int,
                         aliases=("--tensor-parallel-size",))
     dp_size: int = _arg(1, "Data-parallel degree: not supported yet (1 only).", type=int,
                         aliases=("--data-parallel-size",))
-    ep_size: int = _arg(1, "Expert-parallel degree: a MoE model's experts split over this many devices (must "
-                        "divide the expert count); with --tp-size, tp x ep devices.", type=int, aliases=("--ep",))
+    ep_size: int = _arg(1, "Expert-parallel degree: this many times --tp-size devices, a MoE model's routed experts "
+                        "split over all of them (tp x ep must divide the expert count).", type=int, aliases=("--ep",))
     nnodes: int = _arg(1, "Number of hosts: not supported yet (1 only).", type=int)
     node_rank: int = _arg(0, "This host's rank among --nnodes: not supported yet (0 only).", type=int)
     dist_init_addr: str | None = _arg(None, "Coordinator address (host:port) of a multi-host run: not supported "

@@ -117,7 +117,7 @@ def ep_server(request, tmp_path_factory, one_torch_thread):
 
 
 def test_expert_parallel_greedy_exact_counts_and_memory(ep_server):
-    """Experts over `expert` (with tp 2 also attention and the shared expert over `tensor`)."""
+    """Experts over every device (`tensor` x `expert`); with tp 2 attention and the shared expert over `tensor`."""
     server, tp, ep, hf, dump_dir = ep_server
     config = hf.config
     rng = np.random.default_rng()
@@ -134,7 +134,7 @@ def test_expert_parallel_greedy_exact_counts_and_memory(ep_server):
     np.testing.assert_array_equal(arrays["logical_count"].sum(axis=0), expected)
     dense = tensor_parallel(tp, config.num_key_value_heads)
     check_device_memory(server, hf, {"data": 1, "tensor": tp, "expert": ep},
-                        lambda name: ep if ".experts." in name else dense(name))
+                        lambda name: tp * ep if ".experts." in name else dense(name))
 
 
 def test_meshes_that_do_not_fit_are_refused():

@@ -149,12 +149,14 @@ def _check_divides(config: ModelConfig, tp_size: int) -> None:
     if kv_heads % tp_size and (tp_size < kv_heads or tp_size % kv_heads):
         raise MeshError(f"--tp-size {tp_size} must divide the number of KV heads ({kv_heads}) or be a multiple "
                         "of it (KV heads are then replicated)")
-    sizes = {"attention heads": config.num_heads, "intermediate_size": config.intermediate_size}
+    sizes = {"the number of attention heads": config.num_heads}
+    if not config.num_experts:  # a MoE model's dense MLP width is unused (every layer is a MoE layer)
+        sizes["intermediate_size"] = config.intermediate_size
     if config.shared_expert_intermediate_size:
         sizes["shared_expert_intermediate_size"] = config.shared_expert_intermediate_size
     for what, size in sizes.items():
         if size % tp_size:
-            raise MeshError(f"--tp-size {tp_size} must divide the number of {what} ({size})")
+            raise MeshError(f"--tp-size {tp_size} must divide {what} ({size})")
 
 
 def device_memory(placement: Placement, params: Any, kv_pages: jax.Array | None) -> list[dict[str, Any]]:

@@ -68,10 +68,13 @@ def main() -> None:
                                           f"--max-running-requests {args.concurrency} --max-total-tokens 16384")
         url = f"http://127.0.0.1:{port}"
         try:
-            wait_for_server(url, timeout=900)
+            wait_for_server(url, timeout=900, process=process)
             output_rate(url, prompts[:2], 4, 2)  # warm-up
             rates = [output_rate(url, prompts, args.output_len, args.concurrency) for _ in range(args.repeats)]
             info = requests.get(url + "/get_server_info", timeout=60).json()
+        except RuntimeError:  # refused at start-up (e.g. a tp the model does not divide by): its log says why
+            print(f"--tp-size {tp}: the server did not start", file=sys.stderr)
+            continue
         finally:
             terminate_process(process)
         weights = max(entry["weights_bytes"] for entry in info["device_memory"])

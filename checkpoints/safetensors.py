@@ -2,17 +2,20 @@
 
 The file format is read directly (8-byte header length, JSON header, raw little-endian data) over a
 memory map, so any dtype numpy knows through ml_dtypes (bfloat16, float8) loads without torch, one
-tensor at a time, and a corrupt file is a clear error naming the file.
+param at a time, each device reading only its own block of it (`load_params`), and a corrupt file is a
+clear error naming the file.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import mmap
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import ml_dtypes
@@ -59,6 +62,14 @@ def safetensors_files(model_dir: Path) -> list[Path]:
 def iter_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
     """Yield `(name, array)` for every tensor of one file; arrays are views of a memory map, meant to
     be copied out before the next one is asked for (their pages then leave the resident set)."""
+    for name, array, release in _tensor_views(path):
+        yield name, array
+        release()
+
+
+def _tensor_views(path: Path) -> Iterator[tuple[str, np.ndarray, Callable[[], None]]]:
+    """`(name, view, release)` for every tensor of one file: `view` reads nothing until it is sliced, and
+    `release()` drops the pages read so far from the resident set (`_release_pages`)."""
     try:
         with open(path, "rb") as f:
             data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -92,13 +103,9 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
             expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
             if end - start != expected or base + end > len(data):
                 raise CheckpointError(f"{path} is corrupt: tensor {name!r} data is truncated or misplaced")
-            yield (
-                name,
-                np.frombuffer(
-                    data, dtype=dtype, count=expected // np.dtype(dtype).itemsize, offset=base + start
-                ).reshape(shape),
-            )
-            _release_pages(data, base + start, base + end)
+            view = np.frombuffer(data, dtype=dtype, count=expected // np.dtype(dtype).itemsize,
+                                 offset=base + start).reshape(shape)
+            yield name, view, functools.partial(_release_pages, data, base + start, base + end)
     finally:
         del data
 
@@ -123,25 +130,27 @@ def load_params(model: nnx.Module, model_dir: Path, dtype, *, progress: bool = T
     Names are mapped by `name_map` (default: the one `type(model)` declares, see
     `checkpoints.name_maps`): torch Linear weights `[out, in]` land transposed in our `kernel`
     `[in, out]`, `layers.N.*` tensors land in row N of the stacked layer params (and per-expert
-    tensors in their expert's row). Host buffers are allocated in `dtype` and each tensor is cast as it
-    is copied in, so a bfloat16 load never holds a float32 copy of the model. Missing, unexpected and
-    mis-shaped tensors are errors. `sharding_for(path)`, when given, is where each param is placed
-    (a weight swap puts the new params onto the served ones' shardings); default the first device.
+    tensors in their expert's row). Every header is read and checked first: missing, unexpected and
+    mis-shaped tensors are errors before any data is read. Then each param is built with
+    `jax.make_array_from_callback` on `sharding_for(path)` (default: the first device): every device's
+    block is read from the memory-mapped files (only that block's rows and columns) and cast to `dtype` as
+    it is copied, so a sharded param never exists whole on one device, a bfloat16 load never holds a
+    float32 copy, and the host holds one param's blocks at a time. A weight swap passes the served params'
+    shardings.
     """
     name_map = name_map or weight_name_map_for(model)
     state = nnx.state(model, nnx.Param)
     flat = {tuple(str(k) for k in path): leaf for path, leaf in nnx.to_flat_state(state)}
     host_dtype = np.dtype(dtype)
-    buffers = {path: np.empty(leaf.shape, dtype=host_dtype) for path, leaf in flat.items()}
     num_layers = model.config.num_layers
     axes = {path: _stacked_axes(name_map, path) for path in flat}
-    seen: dict[tuple[str, ...], set[tuple[int, ...]]] = {path: set() for path in flat}
+    # (layer, expert) index -> the tensor's lazy view, already transposed to the param's layout.
+    sources: dict[tuple[str, ...], dict[tuple[int, ...], _Source]] = {path: {} for path in flat}
     tied = model.config.tie_word_embeddings
 
     files = safetensors_files(Path(model_dir))
-    bar = tqdm(total=len(files), desc="Loading safetensors", unit="file", disable=not progress)
     for file in files:
-        for name, array in iter_tensors(file):
+        for name, array, release in _tensor_views(file):
             if name_map.skips(name, tie_word_embeddings=tied):
                 continue
             target = name_map.to_param(name, flat)
@@ -150,39 +159,61 @@ def load_params(model: nnx.Module, model_dir: Path, dtype, *, progress: bool = T
                     f"unexpected tensor {name!r} in {file.name} for {model.config.architecture}"
                 )
             path, index, transpose = target
-            buffer = buffers[path]
+            shape = tuple(flat[path].shape)
             assert len(index) == axes[path], (name, path, index)  # to_param maps per-layer onto stacked only
             if path[0] in name_map.stacked and index[0] >= num_layers:
                 raise CheckpointError(f"tensor {name!r} names layer {index[0]}, but the model has {num_layers}")
-            if any(i >= n for i, n in zip(index, buffer.shape[: len(index)], strict=True)):
+            if any(i >= n for i, n in zip(index, shape[: len(index)], strict=True)):
                 raise CheckpointError(f"tensor {name!r} names expert {index[-1]}, but the model has "
-                                      f"{buffer.shape[len(index) - 1]}")
+                                      f"{shape[len(index) - 1]}")
             value = array.T if transpose else array
-            want = buffer.shape[len(index):]
+            want = shape[len(index):]
             if value.shape != want:
                 raise CheckpointError(
                     f"tensor {name!r} has shape {tuple(array.shape)}, expected "
                     f"{tuple(want[::-1]) if transpose else tuple(want)}"
                 )
-            buffer[index] = value  # the cast to `dtype` happens here, one tensor at a time
-            seen[path].add(index)
-        bar.update(1)
-    bar.close()
+            sources[path][index] = _Source(value, release)
 
-    for path, indices in seen.items():
-        expected = set(itertools.product(*(range(n) for n in buffers[path].shape[: axes[path]])))
-        if indices != expected:
-            missing = sorted(expected - indices)
+    for path, found in sources.items():
+        expected = set(itertools.product(*(range(n) for n in flat[path].shape[: axes[path]])))
+        if set(found) != expected:
+            missing = sorted(expected - set(found))
             raise CheckpointError(f"missing tensor {name_map.to_hf_name(path, missing[0])!r} in {model_dir}"
                                   + (f" ({len(missing)} layers lack it)" if len(missing) > 1 else ""))
 
-    for path, leaf in nnx.to_flat_state(state):
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    leaves = nnx.to_flat_state(state)
+    for path, leaf in tqdm(leaves, desc="Loading safetensors", unit="param", disable=not progress):
         key = tuple(str(k) for k in path)
-        # One param at a time, waiting for each copy: the host buffer is freed before the next copy
-        # starts, so the peak is the host buffers plus one param, not two copies of the model.
-        target = sharding_for(key) if sharding_for is not None else None
-        leaf.set_value(jax.device_put(buffers.pop(key), target).block_until_ready())
+        found, stacked = sources.pop(key), axes[key]
+        # Each device's block is read straight from the files (only the slice it holds) and cast to
+        # `dtype` on the way; one param at a time, so the host peak is one param's blocks, never the model.
+        value = jax.make_array_from_callback(
+            tuple(leaf.shape), sharding_for(key) if sharding_for is not None else default,
+            functools.partial(_read_block, found, stacked, host_dtype, tuple(leaf.shape)))
+        leaf.set_value(value.block_until_ready())
+        for source in found.values():
+            source.release()
     return state
+
+
+class _Source(NamedTuple):
+    view: np.ndarray  # one checkpoint tensor, lazy (memory-mapped), in the param's layout
+    release: Callable[[], None]
+
+
+def _read_block(sources: dict[tuple[int, ...], _Source], stacked: int, dtype: np.dtype, shape: tuple[int, ...],
+                index: tuple) -> np.ndarray:
+    """The block `index` (a tuple of slices, one per axis) of a param of `shape` whose first `stacked` axes
+    pick tensors (layer, expert) out of `sources`: only the rows and columns of that block are read."""
+    ranges = [range(*s.indices(n)) for s, n in zip(index, shape, strict=True)]
+    out = np.empty([len(r) for r in ranges], dtype)
+    inner = tuple(index[stacked:])
+    for position in itertools.product(*(enumerate(r) for r in ranges[:stacked])):
+        where, which = tuple(p for p, _ in position), tuple(i for _, i in position)
+        out[where] = sources[which].view[inner]  # the cast to `dtype` happens here
+    return out
 
 
 def _stacked_axes(name_map: WeightNameMap, path: tuple[str, ...]) -> int:

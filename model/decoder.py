@@ -165,9 +165,11 @@ class BoundParams:
         return model, [nnx.merge(self.layer_graphdef, state) for state in layers]
 
 
-def arrange_params(abstract: DecoderModel, state: nnx.State, *, unroll: bool) -> tuple[Any, BoundParams]:
+def arrange_params(abstract: DecoderModel, state: nnx.State, *, unroll: bool,
+                   fuse: bool = True) -> tuple[Any, BoundParams]:
     """A full param state -> `((rest, layers), BoundParams)`: the layers stacked for the scan, or (the CPU
-    path, `unroll`) a list of per-layer states with each layer's `fuse_projections()` applied."""
+    path, `unroll`) a list of per-layer states with each layer's `fuse_projections()` applied unless
+    `fuse` is False (a sharded model: a fused kernel's parts would land on different shards)."""
     graphdef, abstract_layers, _ = nnx.split(abstract, nnx.PathContains(LAYERS), ...)
     _, layers, rest = nnx.split(nnx.merge(nnx.split(abstract)[0], state), nnx.PathContains(LAYERS), ...)
     if not unroll:
@@ -176,7 +178,8 @@ def arrange_params(abstract: DecoderModel, state: nnx.State, *, unroll: bool) ->
     per_layer, layer_graphdef = [], None
     for i in range(abstract.config.num_layers):
         layer = nnx.merge(stacked_graphdef, jax.tree.map(lambda x, i=i: x[i], layers[LAYERS]))
-        layer.fuse_projections()
+        if fuse:
+            layer.fuse_projections()
         layer_graphdef, layer_state = nnx.split(layer)
         per_layer.append(layer_state)
     return (rest, per_layer), BoundParams(graphdef, abstract_layers, layer_graphdef)

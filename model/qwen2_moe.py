@@ -19,14 +19,17 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from checkpoints.name_maps import DEFAULT_DECODER_MAP, ExpertRule, WeightNameMap
 from kernels.moe import combine, grouped_matmul, select_experts, sort_by_expert
+from kernels.shard_map import shard_map
 from model.config import ConfigError, ModelConfig
 from model.decoder import DecoderModel
 from model.interface import StepInputs
 from model.layers import Dense, GatedMLP
 from model.llama import LlamaDecoderLayer
+from model.sharding import EXPERT_DEVICES
 
 
 class StackedKernel(nnx.Module):
@@ -55,23 +58,50 @@ class ExpertWeights(nnx.Module):
         self.gate_up_proj = nnx.data(StackedKernel(fused))
         self.gate_proj = self.up_proj = None
 
-    def gate_up(self, x_sorted, group_sizes, backend: str):
+    def input_kernels(self) -> tuple:
+        """The kernels that read the layer's input: `(gate_up,)` fused, else `(gate, up)`."""
         if self.gate_up_proj is not None:
-            h = grouped_matmul(x_sorted, self.gate_up_proj.kernel[...], group_sizes, backend=backend)
-            return jnp.split(h, 2, axis=-1)
-        return (grouped_matmul(x_sorted, self.gate_proj.kernel[...], group_sizes, backend=backend),
-                grouped_matmul(x_sorted, self.up_proj.kernel[...], group_sizes, backend=backend))
+            return (self.gate_up_proj.kernel[...],)
+        return self.gate_proj.kernel[...], self.up_proj.kernel[...]
 
 
 def routed_experts(experts: ExpertWeights, x, weights, expert_ids, valid, *, backend: str):
     """`[T, hidden]`: each valid token's top-k experts, weighted; padding rows are zeros.
 
     The one place the experts run (the benchmark swaps in a dense loop here to compare)."""
-    plan = sort_by_expert(expert_ids, experts.down_proj.kernel.shape[0], token_mask=valid)
+    return _experts_from(experts.input_kernels(), experts.down_proj.kernel[...], x, weights, expert_ids, valid,
+                         0, backend=backend)
+
+
+def expert_parallel_experts(experts: ExpertWeights, x, weights, expert_ids, valid, *, backend: str, mesh):
+    """`routed_experts` with the experts split over the devices of `mesh` (`model.sharding.EXPERT_DEVICES`:
+    its `tensor` and `expert` axes): every device holds all tokens (they are replicated, so no all-to-all
+    is needed to bring them), runs only the copies routed to its own experts, and a `psum` adds the
+    devices' partial outputs."""
+    input_kernels = experts.input_kernels()
+
+    def shard(x, weights, expert_ids, valid, input_kernels, down):
+        first_expert = jax.lax.axis_index(EXPERT_DEVICES) * down.shape[0]
+        out = _experts_from(input_kernels, down, x, weights, expert_ids, valid, first_expert, backend=backend)
+        return jax.lax.psum(out, EXPERT_DEVICES)
+
+    whole, by_expert = PartitionSpec(), PartitionSpec(EXPERT_DEVICES, None, None)
+    return shard_map(shard, mesh, in_specs=(whole, whole, whole, whole, (by_expert,) * len(input_kernels),
+                                            by_expert), out_specs=whole)(
+        x, weights, expert_ids, valid, input_kernels, experts.down_proj.kernel[...])
+
+
+def _experts_from(input_kernels: tuple, down, x, weights, expert_ids, valid, first_expert, *, backend: str):
+    """The contribution of experts `[first_expert, first_expert + len(down))` (all of them on one device):
+    copies routed elsewhere, and padding tokens, sort past every local expert and cost no work."""
+    num_local = down.shape[0]
+    local = expert_ids - first_expert
+    mine = valid[:, None] & (local >= 0) & (local < num_local)
+    plan = sort_by_expert(jnp.where(mine, local, num_local), num_local)
     x_sorted = x[plan.token_of_row]
-    gate, up = experts.gate_up(x_sorted, plan.group_sizes, backend)
-    y_sorted = grouped_matmul(jax.nn.silu(gate) * up, experts.down_proj.kernel[...], plan.group_sizes,
-                              backend=backend)
+    products = [grouped_matmul(x_sorted, kernel, plan.group_sizes, backend=backend) for kernel in input_kernels]
+    gate, up = jnp.split(products[0], 2, axis=-1) if len(products) == 1 else products
+    y_sorted = grouped_matmul(jax.nn.silu(gate) * up, down, plan.group_sizes, backend=backend)
     return combine(y_sorted, plan, weights)
 
 
@@ -94,6 +124,7 @@ class SparseMoeBlock(nnx.Module):
         self.top_k = config.num_experts_per_tok
         self.renormalize = config.norm_topk_prob
         self.moe_backend = moe_backend
+        self.expert_mesh = None  # the device mesh the experts are split over (static, set by the model)
 
     def fuse_projections(self) -> None:
         self.experts.fuse_projections()
@@ -104,7 +135,11 @@ class SparseMoeBlock(nnx.Module):
         """-> `(out[T, hidden], aux)`."""
         # The router in the model dtype, softmax and top-k in float32, as transformers does.
         weights, ids = select_experts(self.gate(x), self.top_k, renormalize=self.renormalize)
-        out = routed_experts(self.experts, x, weights.astype(x.dtype), ids, valid, backend=self.moe_backend)
+        if self.expert_mesh is None:
+            out = routed_experts(self.experts, x, weights.astype(x.dtype), ids, valid, backend=self.moe_backend)
+        else:
+            out = expert_parallel_experts(self.experts, x, weights.astype(x.dtype), ids, valid,
+                                          backend=self.moe_backend, mesh=self.expert_mesh)
         if self.shared_expert is not None:
             out = out + jax.nn.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         num_experts = self.gate.kernel.shape[-1]
@@ -147,7 +182,7 @@ class Qwen2MoeForCausalLM(DecoderModel):
     takes_moe_backend = True
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None,
-                 moe_backend: str = "auto"):
+                 moe_backend: str = "auto", expert_mesh=None):
         if not config.num_experts:
             raise ConfigError(f"{config.architecture}: config.json has no num_experts")
         if not all(config.sparse_layers):
@@ -159,3 +194,4 @@ class Qwen2MoeForCausalLM(DecoderModel):
         super().__init__(config, dtype=dtype, rngs=rngs)
         # A static attribute of the (stacked) layers: part of the graph the runner's step is traced from.
         self.layers.mlp.moe_backend = moe_backend
+        self.layers.mlp.expert_mesh = expert_mesh  # `expert_parallel_experts` when the experts are split

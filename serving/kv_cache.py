@@ -68,10 +68,13 @@ def plan_kv_cache(
     max_running_requests: int,
     context_length: int,
     head_major: bool = False,
+    kv_head_shards: int = 1,
 ) -> KVCacheSpec:
     """Size the pool: `--max-total-tokens` if given, else what `mem_fraction_static` of memory (the flag, or
     the platform default of `serving.config`) leaves after the weights, capped at what the running requests
-    could ever use (no point zeroing more). `dtype` is the cache array's (storage) dtype."""
+    could ever use (no point zeroing more). `dtype` is the cache array's (storage) dtype. On a mesh
+    `weight_bytes` is the most any one device holds and each device keeps `1 / kv_head_shards` of every
+    token's K/V (the cache is split by KV head)."""
     spec = KVCacheSpec(config.num_layers, 1, page_size, config.num_kv_heads, config.head_dim, jnp.dtype(dtype))
     if max_total_tokens is None:
         fraction = mem_fraction_static
@@ -81,14 +84,18 @@ def plan_kv_cache(
                 f"--mem-fraction-static {fraction} leaves no memory for the KV cache after "
                 f"{weight_bytes / 2**30:.2f} GiB of weights"
             )
-        max_total_tokens = min(budget // spec.bytes_per_token, max_running_requests * context_length)
+        per_device_token = -(-spec.bytes_per_token // kv_head_shards)
+        max_total_tokens = min(budget // per_device_token, max_running_requests * context_length)
     num_pages = max(int(max_total_tokens) // page_size, 2)
     return KVCacheSpec(config.num_layers, num_pages, page_size, config.num_kv_heads, config.head_dim, spec.dtype,
                        head_major)
 
 
-def allocate_kv_pages(spec: KVCacheSpec) -> jax.Array:
-    return jnp.zeros(spec.shape, spec.dtype)
+def allocate_kv_pages(spec: KVCacheSpec, sharding: jax.sharding.Sharding | None = None) -> jax.Array:
+    """A zeroed cache, created in place on `sharding` (each device zeroes only its own shard)."""
+    if sharding is None:
+        return jnp.zeros(spec.shape, spec.dtype)
+    return jax.jit(lambda: jnp.zeros(spec.shape, spec.dtype), out_shardings=sharding)()
 
 
 def params_bytes(params) -> int:

@@ -10,6 +10,7 @@ writes the step's K/V after it (the CPU path).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from serving.config import RuntimeConfig
 from serving.expert_stats import aux_outputs_for
 from serving.kv_cache import KVCacheSpec, allocate_kv_pages, params_bytes, plan_kv_cache
 from serving.logprobs import LogprobBatch, step_logprobs
+from serving.mesh import device_memory, plan_placement
 from serving.penalties import PenaltyBatch, apply_penalties
 from serving.sampler import SamplingBatch, sample
 
@@ -125,31 +127,42 @@ class ModelRunner:
         self.is_encoder = hasattr(self.model_class, "encode")  # no paged cache: `_encode_step`
         # (method, normalize) of a pooled model, from its checkpoint (model.decoder_pooling.pooling_for).
         self.pooling = None if self.task == "generate" else pooling_for(self.model_class, self.model_dir)
+        # Where params and cache live: one device, or a mesh for --tp-size / --ep-size (serving.mesh).
+        self.placement = plan_placement(self.config, tp_size=config.tp_size, ep_size=config.ep_size,
+                                        is_encoder=self.is_encoder)
         self._abstract = self._abstract_model(self.config)
+        # What the step runs: the checkpoint's model, or with KV heads replicated (tp above the KV heads).
+        served = self.placement.served_config(self.config)
+        self._served_abstract = self._abstract if served is self.config else self._abstract_model(served)
+        shards = self.placement.kv_head_shards  # each attention call sees its shard's KV heads
         self.attention = resolve_attention_backend(
             config.attention_backend, head_dim=self.config.head_dim, page_size=config.page_size,
-            num_kv_heads=self.config.num_kv_heads, cache_dtype=self.kv_dtype, platform=config.platform)
+            num_kv_heads=served.num_kv_heads // shards, cache_dtype=self.kv_dtype, platform=config.platform)
+        if shards > 1:
+            self.attention = dataclasses.replace(self.attention, mesh=self.placement.mesh)
         if self.attention.writes_in_step and self.kv_dtype != self.dtype:
             raise ValueError(f"--kv-cache-dtype {config.kv_cache_dtype} with a {jnp.dtype(self.dtype).name} model: "
                              f"the {self.attention.name.upper()} attention kernel takes q, k, v and the cache in "
                              "one dtype; use --dtype bfloat16 or --attention-backend reference")
-        # One device for now (no mesh yet): every param lives on it, and a swap places new ones there too.
-        self.param_sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        self.params, self._bound = arrange_params(
-            self._abstract, self._load(self.model_dir), unroll=config.unroll_layers)
+        # Each param's sharding, fixed for the server's life: a swap or a resume places new params there too.
+        self._param_shardings = self.placement.param_shardings(self._served_abstract)
+        self._load_shardings = self.placement.load_shardings(self._param_shardings)
+        self.params, self._bound = self._arrange(self._load(self.model_dir))
         self.weight_bytes = params_bytes(self.params)
+        per_device_weights = max(entry["weights_bytes"] for entry in device_memory(self.placement, self.params, None))
 
         self.max_seqs = next_pow2(config.max_running_requests)
         self.max_tokens = next_pow2(max(config.max_step_tokens, self.max_seqs))
         self.kv_spec: KVCacheSpec = plan_kv_cache(
-            self.config, page_size=config.page_size, weight_bytes=self.weight_bytes,
+            served, page_size=config.page_size, weight_bytes=per_device_weights, kv_head_shards=shards,
             dtype=self.attention.storage_dtype, max_total_tokens=config.max_total_tokens,
             mem_fraction_static=config.mem_fraction_static, max_running_requests=config.max_running_requests,
             context_length=self.context_length, head_major=self.attention.head_major,
         )
         self.page_size = config.page_size
         self.pages_per_seq = -(-self.context_length // config.page_size)
-        self.kv_pages = allocate_kv_pages(self.kv_spec)
+        self._kv_sharding = self.placement.kv_cache_sharding(self.kv_spec.head_major)
+        self.kv_pages = allocate_kv_pages(self.kv_spec, self._kv_sharding)
         self.last_aux: dict[str, np.ndarray] = {}  # the last step's auxiliary outputs (model.interface)
         self.last_logprobs: dict | None = None  # the last step's logprob numbers, when it computed any
         # The aux outputs the step returns (the expert recorder's), and who gets them after each `run`.
@@ -179,7 +192,9 @@ class ModelRunner:
 
     def _abstract_model(self, config: ModelConfig):
         cls = model_class_for(config, self.runtime.is_embedding)
-        options = {"moe_backend": self.runtime.moe_backend} if getattr(cls, "takes_moe_backend", False) else {}
+        options = {}
+        if getattr(cls, "takes_moe_backend", False):
+            options = {"moe_backend": self.runtime.moe_backend, "expert_mesh": self.placement.mesh}
         return nnx.eval_shape(lambda: cls(config, dtype=self.dtype, rngs=nnx.Rngs(0), **options))
 
     @property
@@ -200,7 +215,18 @@ class ModelRunner:
         self._param_leaves, self._param_treedef = leaves, treedef
 
     def _load(self, model_dir: Path):
-        return load_checkpoint(self._abstract, model_dir, self.dtype, sharding_for=lambda path: self.param_sharding)
+        return load_checkpoint(self._abstract, model_dir, self.dtype, sharding_for=self._load_shardings.__getitem__)
+
+    def _arrange(self, state):
+        """Params arranged for the step (KV heads replicated where the placement says); unfused on a mesh
+        (`model.sharding` says why)."""
+        state = self.placement.replicate_kv_heads(state, self._param_shardings, self.config.head_dim)
+        return arrange_params(self._served_abstract, state, unroll=self.runtime.unroll_layers,
+                              fuse=self.placement.mesh is None)
+
+    def device_memory(self) -> list[dict]:
+        """Per device of the placement, the bytes of params and KV cache on it (`/get_server_info`)."""
+        return device_memory(self.placement, self._param_leaves, self.kv_pages)
 
     def read_weights(self, model_dir: Path):
         """Load another checkpoint (safetensors or Orbax) of the same architecture and shapes onto the
@@ -219,7 +245,7 @@ class ModelRunner:
                 theirs_shape = None if other is None else name_map.to_hf_shape(path, other.shape)
                 raise ValueError(f"tensor {name_map.to_hf_name(path)!r} has shape {theirs_shape} in the new checkpoint, "
                                  f"{name_map.to_hf_shape(path, mine.shape)} in the served model")
-        params, _ = arrange_params(self._abstract, self._load(Path(model_dir)), unroll=self.runtime.unroll_layers)
+        params, _ = self._arrange(self._load(Path(model_dir)))
         return params
 
     # -- releasing and restoring device memory (serving/memory.py) ------------------------------
@@ -359,7 +385,7 @@ class ModelRunner:
         return time.perf_counter() - start
 
     def reset_kv_cache(self) -> None:
-        self.kv_pages = allocate_kv_pages(self.kv_spec)
+        self.kv_pages = allocate_kv_pages(self.kv_spec, self._kv_sharding)
 
     def kv_cache_lost(self) -> bool:
         """Whether the cache array was donated to a step that then failed (its buffer is gone)."""

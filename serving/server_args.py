@@ -47,14 +47,15 @@ LOAD_FORMAT_CHOICES = LOAD_FORMATS  # the formats the resolver tells apart
 LOAD_FORMATS_LATER = ("pt", "npcache", "dummy", "sharded_state", "bitsandbytes", "layered", "remote",
                       "remote_instance")  # SGLang's other choices
 
-_ONE_DEVICE = "one device per server for now"
+_ONE_HOST = "one host per server for now: multi-host serving over jax.distributed is not served yet"
 # field -> (neutral value, why any other value is refused). At the neutral value the flag changes
 # nothing, which is exactly what the server does today; anything else asks for a feature that is not
 # there, so start-up refuses it rather than silently ignoring it.
 NOT_SUPPORTED_YET: dict[str, tuple[Any, str]] = {
-    "tp_size": (1, _ONE_DEVICE),
-    "dp_size": (1, _ONE_DEVICE),
-    "ep_size": (1, _ONE_DEVICE),
+    "dp_size": (1, "data-parallel replicas inside one server are not served yet; run one server per device group"),
+    "nnodes": (1, _ONE_HOST),
+    "node_rank": (0, _ONE_HOST),
+    "dist_init_addr": (None, _ONE_HOST),
 }
 
 
@@ -196,11 +197,18 @@ class ServerArgs:
     disable_compilation_cache: bool = _arg(False, "Do not use the persistent JAX compilation cache.")
 
     # Parallelism
-    tp_size: int = _arg(1, "Tensor-parallel degree: not supported yet (1 only).", type=int,
+    tp_size: int = _arg(1, "Tensor-parallel degree: attention heads, MLP columns / rows, a MoE model's experts and "
+                        "the KV cache split over this many devices (must divide the attention heads; KV heads are "
+                        "replicated when it is a multiple of them).", type=int,
                         aliases=("--tensor-parallel-size",))
     dp_size: int = _arg(1, "Data-parallel degree: not supported yet (1 only).", type=int,
                         aliases=("--data-parallel-size",))
-    ep_size: int = _arg(1, "Expert-parallel degree: not supported yet (1 only).", type=int, aliases=("--ep",))
+    ep_size: int = _arg(1, "Expert-parallel degree: this many times --tp-size devices, a MoE model's routed experts "
+                        "split over all of them (tp x ep must divide the expert count).", type=int, aliases=("--ep",))
+    nnodes: int = _arg(1, "Number of hosts: not supported yet (1 only).", type=int)
+    node_rank: int = _arg(0, "This host's rank among --nnodes: not supported yet (0 only).", type=int)
+    dist_init_addr: str | None = _arg(None, "Coordinator address (host:port) of a multi-host run: not supported "
+                                      "yet.", type=str)
 
     # Expert-distribution recording (MoE)
     expert_distribution_recorder_mode: str | None = _arg(

@@ -31,6 +31,8 @@ def server_info(engine: Engine, page_counts: dict[str, int] | None = None) -> di
         "internal_states": [{**args, "last_gen_throughput": engine.scheduler.last_gen_throughput,
                              "memory_usage": memory, "kv_pages": page_counts}],
         "version": _version(), "jax_backend": jax.default_backend(), "pid": os.getpid(),
+        # The device mesh (axis -> size) and what each of its devices holds, from the arrays' own shards.
+        "mesh": engine.runner.placement.axis_sizes, "device_memory": engine.runner.device_memory(),
     }
 
 

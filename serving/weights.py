@@ -149,6 +149,7 @@ def served_tensor(runner: ModelRunner, hf_name: str, abstract: dict[tuple[str, .
         index = index[1:]
     else:
         value = _flat(layers)[path]
+    value = runner.placement.checkpoint_value(path, value, model.config.head_dim)  # KV heads replicated on a mesh
     if index and index[-1] >= value.shape[len(index) - 1]:
         return None
     value = value[index] if index else value

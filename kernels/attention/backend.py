@@ -21,9 +21,12 @@ from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from kernels.attention import cache_layout, encoder, reference
 from kernels.attention.dispatch import resolve_backend
+from kernels.shard_map import shard_map
+from model.sharding import HEADS, NEW_KV_LAYERS, kv_cache_spec
 
 
 @dataclass(frozen=True)
@@ -34,13 +37,18 @@ class AttentionBackend:
     a Pallas kernel run in interpret mode off its own platform; `cache_dtype`: the dtype of the values the
     cache holds; `writes_in_step`: the Pallas kernels write their token-major cache in place inside the
     step; the others read a head-major cache and hand the step's K/V back as a `KVWrite`. The reference
-    can do either (`with_in_step_write`), which is how tests compare the two paths."""
+    can do either (`with_in_step_write`), which is how tests compare the two paths.
+
+    `mesh`: with tensor parallelism (`serving.mesh`), q / k / v and the cache arrive split by head over
+    the mesh's `tensor` axis, and every implementation runs once per shard on its own heads under
+    `shard_map` (a custom call or Pallas kernel cannot be partitioned by XLA SPMD)."""
 
     name: str
     requested: str = "auto"
     interpret: bool = False
     cache_dtype: jnp.dtype = field(default=jnp.dtype(jnp.float32))
     writes_in_step: bool = False
+    mesh: jax.sharding.Mesh | None = None
 
     @property
     def label(self) -> str:
@@ -67,7 +75,7 @@ class AttentionBackend:
     def with_in_step_write(self) -> AttentionBackend:
         """The same implementation over a token-major cache written inside the step (reference / cpu /
         Pallas all take that contract)."""
-        return AttentionBackend(self.name, self.requested, self.interpret, self.cache_dtype, True)
+        return AttentionBackend(self.name, self.requested, self.interpret, self.cache_dtype, True, self.mesh)
 
     # -- inside the step -----------------------------------------------------------------------------
     def step_attention(self, q, k, v, kv_pages, layer, meta, layout, *, sm_scale, sliding_window=None,
@@ -78,6 +86,16 @@ class AttentionBackend:
         read and `kv` is this layer's new K/V rows (`[T, 2 * kv_heads, D]`) for `write_layers`. `layout`
         is `cache_layout.token_layout(...)` of the step (the read-only path computes it once per step)."""
         options = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+        if self.mesh is not None:
+            cache = kv_cache_spec(self.head_major)
+            local = functools.partial(self._local_step_attention, **options)
+            replicated = PartitionSpec()
+            return shard_map(local, self.mesh, in_specs=(HEADS, HEADS, HEADS, cache, replicated, replicated, replicated),
+                             out_specs=(HEADS, cache if self.writes_in_step else HEADS))(
+                q, k, v, kv_pages, layer, tuple(meta), layout)
+        return self._local_step_attention(q, k, v, kv_pages, layer, meta, layout, **options)
+
+    def _local_step_attention(self, q, k, v, kv_pages, layer, meta, layout, **options):
         if self.writes_in_step:
             return self._attend_and_write(q, k, v, kv_pages, layer, *meta, **options)
         out = self._read_only_attention()(q, k, v, kv_pages, layer, *meta, layout=layout, cache_is_finite=True,
@@ -121,7 +139,12 @@ class AttentionBackend:
     # -- after the step --------------------------------------------------------------------------------
     def write_layers(self, kv_pages, kv_write):
         """Apply a step's `KVWrite` to the head-major cache (the runner's second, cache-donating jit)."""
-        return cache_layout.write_kv_layers(kv_pages, *kv_write, k_transposed=self.k_transposed)
+        write = functools.partial(cache_layout.write_kv_layers, k_transposed=self.k_transposed)
+        if self.mesh is None:
+            return write(kv_pages, *kv_write)
+        cache, replicated = kv_cache_spec(self.head_major), PartitionSpec()
+        return shard_map(write, self.mesh, in_specs=(cache, NEW_KV_LAYERS) + (replicated,) * 4, out_specs=cache)(
+            kv_pages, *kv_write)
 
     # -- no paged cache --------------------------------------------------------------------------------
     def encoder_attention(self, q, k, v, segment_ids, *, sm_scale, causal: bool = False):

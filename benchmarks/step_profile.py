@@ -3,6 +3,7 @@
     python benchmarks/step_profile.py decode --seqs 1 --context 250       # single-stream decode step
     python benchmarks/step_profile.py decode --seqs 64 --context 200      # batch-64 decode step
     python benchmarks/step_profile.py mixed --tokens 512 --context 200 --profile
+    python benchmarks/step_profile.py prefill --tokens 4096 --dtype bfloat16   # a long prefill in bf16
 
 `decode`: `--seqs` sequences, one new token each, `--context` tokens of KV. `prefill`: `--tokens` split
 over 4 fresh prompts. `mixed`: 60 decodes plus 4 fresh prompts filling `--tokens` (what the scheduler
@@ -84,12 +85,14 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--attention-backend", default="auto", choices=("auto", "cpu", "reference"))
     parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "bf16"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args()
 
     batch = build_batch(args.mode, args.seqs, args.tokens, args.context)
-    server_args = ServerArgs(dtype="float32", page_size=16, attention_backend=args.attention_backend,
-                             max_running_requests=64, chunked_prefill_size=512, context_length=8192,
-                             max_total_tokens=96 * 512, kv_cache_dtype=args.kv_cache_dtype)
+    # A prefill longer than the default chunk runs as one step: the chunk is widened to hold it.
+    server_args = ServerArgs(dtype=args.dtype, page_size=16, attention_backend=args.attention_backend,
+                             max_running_requests=64, chunked_prefill_size=max(512, args.tokens),
+                             context_length=8192, max_total_tokens=96 * 512, kv_cache_dtype=args.kv_cache_dtype)
     runner = ModelRunner(default_model_dir(), resolve_runtime_config(server_args))
     runner.run(batch)
     times = []

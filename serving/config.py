@@ -50,6 +50,7 @@ class RuntimeConfig:
     expert_recorder_mode: str | None = None  # `--expert-distribution-recorder-mode`: the step returns router counts
     is_embedding: bool = False  # --is-embedding: a causal LM checkpoint serves embeddings (model.registry)
     watchdog_timeout: float | None = None  # seconds a step may run before its requests are aborted (faults.py)
+    dense_backend: str = "auto"  # `--dense-backend`, resolved by the runner (`kernels.dense.resolve_dense_backend`)
 
     @property
     def on_cpu(self) -> bool:
@@ -87,6 +88,7 @@ def resolve_runtime_config(args: ServerArgs, platform: str | None = None) -> Run
         max_queued_requests=args.max_queued_requests, decode_log_interval=args.decode_log_interval,
         moe_backend=args.moe_backend, expert_recorder_mode=args.expert_distribution_recorder_mode,
         is_embedding=args.is_embedding, watchdog_timeout=args.watchdog_timeout or None,
+        dense_backend=args.dense_backend,
     )
 
 

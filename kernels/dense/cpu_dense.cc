@@ -1,0 +1,248 @@
+// Dense products for CPUs, as an XLA FFI custom call (built and registered by cpu.py).
+//
+// y[M, N] = x[M, K] @ W (+ bias), float32 accumulation, W float32 or bfloat16 (its 16 high bits),
+// either `[K, N]` (a Dense kernel, `transposed` = 0) or `[N, K]` (a tied LM head reading the embedding
+// table, `transposed` = 1). x and y are float32.
+//
+// Why: XLA:CPU widens a bfloat16 weight to float32 before every dot (a weight-sized convert per call,
+// 1.7 GB/s), and its float32 matrix-vector product reads weights well below the copy rate. Here each
+// weight is read once per call at the streaming rate, widened in registers, and used for up to kRows rows
+// of x while it is there.
+//
+// Work: the output columns (the rows of a transposed W) are cut into contiguous chunks, run by the
+// calling thread and XLA's intra-op pool (`compute`); each chunk streams its slice of every weight row.
+// Tiles are a few rows of x by a few vectors of columns, held in registers; the vector type is the
+// widest the build target has (GCC vector extensions: the same code compiles for AVX-512, AVX2 and NEON).
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+constexpr int kTileRows = 4;    // rows of x per tile
+constexpr int kTileVecs = 4;    // vectors of columns per tile (multi-row tiles)
+constexpr int kStreamVecs = 8;  // vectors of columns per tile when x has one row
+#else
+constexpr int kLanes = 8;
+constexpr int kTileRows = 4;
+constexpr int kTileVecs = 2;
+constexpr int kStreamVecs = 8;
+#endif
+constexpr int kTileWRows = 4;   // rows of a transposed W per tile
+constexpr int64_t kPrefetchRows = 8;       // weight rows ahead of the one being read
+constexpr int64_t kThreadWork = 1 << 16;   // multiply-adds below which one thread is enough
+constexpr int kSpin = 1 << 12;             // pause loops before the caller yields while helpers finish
+constexpr int64_t kMaxThreads = 2;         // the product is bandwidth-bound: two streams fill it on 2-8 cores
+constexpr int64_t kChunksPerThread = 4;    // chunks per thread, so a preempted helper delays little
+
+typedef float vf __attribute__((vector_size(kLanes * 4)));
+typedef uint16_t vh __attribute__((vector_size(kLanes * 2)));
+typedef uint32_t vu __attribute__((vector_size(kLanes * 4)));
+
+inline vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+// bfloat16 -> float32 is a 16-bit shift of the bits.
+inline vf load(const uint16_t* p) {
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  const vu u = __builtin_convertvector(h, vu) << 16;
+  vf v;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline float widen(float x) { return x; }
+inline float widen(uint16_t x) {
+  const uint32_t bits = uint32_t{x} << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline float hsum(vf v) {
+  float s = 0.0f;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+inline void relax() {
+#if defined(__x86_64__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+struct Problem {
+  const float* x;     // [M, K]
+  const void* w;      // [K, N] or [N, K]
+  const float* bias;  // [N] or null
+  float* y;           // [M, N]
+  int64_t m, k, n;
+};
+
+// -- W [K, N]: column tiles, each streaming down the K rows -------------------------------------------
+
+// y[r0:r0+R, c0:c0+V*kLanes] for full vectors of columns.
+template <int R, int V, typename T>
+void tile_kn(const Problem& p, int64_t r0, int64_t c0) {
+  const T* w = static_cast<const T*>(p.w) + c0;
+  vf acc[R][V] = {};
+  for (int64_t k = 0; k < p.k; ++k) {
+    const T* row = w + k * p.n;
+    if (R == 1 && k + kPrefetchRows < p.k)
+      for (int v = 0; v < V * kLanes * int(sizeof(T)); v += 64) __builtin_prefetch(
+          reinterpret_cast<const char*>(row + kPrefetchRows * p.n) + v);
+    vf wv[V];
+    for (int v = 0; v < V; ++v) wv[v] = load(row + v * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const float xr = p.x[(r0 + r) * p.k + k];
+      for (int v = 0; v < V; ++v) acc[r][v] += xr * wv[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) {
+      vf out = acc[r][v];
+      if (p.bias) out += load(p.bias + c0 + v * kLanes);
+      store(p.y + (r0 + r) * p.n + c0 + v * kLanes, out);
+    }
+}
+
+// Rows [0, M) of a column tile, R rows at a time.
+template <int V, typename T>
+void rows_kn(const Problem& p, int64_t c0) {
+  int64_t r = 0;
+  if (p.m == 1) return tile_kn<1, V, T>(p, 0, c0);
+  for (; r + kTileRows <= p.m; r += kTileRows) tile_kn<kTileRows, V, T>(p, r, c0);
+  for (; r < p.m; ++r) tile_kn<1, V, T>(p, r, c0);
+}
+
+// Columns [c0, c1) (c0 a multiple of kLanes): tiles of V vectors, single vectors, then scalar columns.
+template <typename T>
+void columns_kn(const Problem& p, int64_t c0, int64_t c1) {
+  const int64_t wide = p.m == 1 ? kStreamVecs * kLanes : kTileVecs * kLanes;
+  for (; c0 + wide <= c1; c0 += wide)
+    p.m == 1 ? rows_kn<kStreamVecs, T>(p, c0) : rows_kn<kTileVecs, T>(p, c0);
+  for (; c0 + kLanes <= c1; c0 += kLanes) rows_kn<1, T>(p, c0);
+  const T* w = static_cast<const T*>(p.w);
+  for (; c0 < c1; ++c0)
+    for (int64_t r = 0; r < p.m; ++r) {
+      float s = p.bias ? p.bias[c0] : 0.0f;
+      for (int64_t k = 0; k < p.k; ++k) s += p.x[r * p.k + k] * widen(w[k * p.n + c0]);
+      p.y[r * p.n + c0] = s;
+    }
+}
+
+// -- W [N, K]: rows of W against rows of x, dot products along K --------------------------------------
+
+template <int R, int C, typename T>
+void tile_nk(const Problem& p, int64_t r0, int64_t c0) {
+  const T* w = static_cast<const T*>(p.w) + c0 * p.k;
+  vf acc[R][C] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= p.k; k += kLanes) {
+    vf wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = load(w + c * p.k + k);
+    for (int r = 0; r < R; ++r) {
+      const vf xv = load(p.x + (r0 + r) * p.k + k);
+      for (int c = 0; c < C; ++c) acc[r][c] += xv * wv[c];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      float s = hsum(acc[r][c]);
+      for (int64_t kk = k; kk < p.k; ++kk) s += p.x[(r0 + r) * p.k + kk] * widen(w[c * p.k + kk]);
+      p.y[(r0 + r) * p.n + c0 + c] = s + (p.bias ? p.bias[c0 + c] : 0.0f);
+    }
+}
+
+template <int C, typename T>
+void rows_nk(const Problem& p, int64_t c0) {
+  int64_t r = 0;
+  for (; r + kTileRows <= p.m; r += kTileRows) tile_nk<kTileRows, C, T>(p, r, c0);
+  for (; r < p.m; ++r) tile_nk<1, C, T>(p, r, c0);
+}
+
+template <typename T>
+void columns_nk(const Problem& p, int64_t c0, int64_t c1) {
+  for (; c0 + kTileWRows <= c1; c0 += kTileWRows) rows_nk<kTileWRows, T>(p, c0);
+  for (; c0 < c1; ++c0) rows_nk<1, T>(p, c0);
+}
+
+// -- splitting the work -----------------------------------------------------------------------------
+
+// The output is cut into chunks of whole tiles, claimed from an atomic counter by the calling thread and
+// by helpers scheduled on XLA's own intra-op pool (no threads of our own to compete with it on a small
+// machine). A helper that starts late finds nothing left and returns, so a busy pool costs parallelism,
+// never a wait; the state is shared so a helper may outlive the call.
+struct Split {
+  std::atomic<int64_t> next{0}, done{0};
+  int64_t chunks = 0;
+};
+
+template <typename T>
+void compute(const Problem& p, bool transposed, ffi::ThreadPool& threads) {
+  // Units: tiles of columns ([K, N]) or of rows of W ([N, K]); chunks are whole units, the last takes the tail.
+  const int64_t unit = transposed ? kTileWRows : (p.m == 1 ? kStreamVecs : kTileVecs) * kLanes;
+  const int64_t units = std::max<int64_t>(1, p.n / unit);
+  const int64_t helpers = std::max<int64_t>(0, std::min<int64_t>(threads.num_threads(), kMaxThreads) - 1);
+  const int64_t parallel = p.m * p.k * p.n < kThreadWork ? 1 : 1 + helpers;
+  auto split = std::make_shared<Split>();
+  split->chunks = std::min<int64_t>(units, parallel * kChunksPerThread);
+  auto work = [split, p, transposed, unit, units] {
+    for (int64_t i = split->next++; i < split->chunks; i = split->next++) {
+      const int64_t c0 = units * i / split->chunks * unit;
+      const int64_t c1 = i + 1 == split->chunks ? p.n : units * (i + 1) / split->chunks * unit;
+      transposed ? columns_nk<T>(p, c0, c1) : columns_kn<T>(p, c0, c1);
+      split->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t i = 1; i < parallel; ++i) threads.Schedule(decltype(work)(work));  // a copy per helper
+  work();
+  for (int spins = 0; split->done.load(std::memory_order_acquire) < split->chunks; ++spins)
+    spins < kSpin ? relax() : std::this_thread::yield();  // only chunks a helper is running remain
+}
+
+ffi::Error DenseImpl(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
+                     ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y, int64_t transposed) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), bd = bias.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || bd.size() != 1)
+    return ffi::Error::InvalidArgument("dense: x [M, K], w rank 2, bias rank 1");
+  // A uint16 weight holds bfloat16 bit patterns.
+  const auto type = w.element_type();
+  if (type != ffi::F32 && type != ffi::BF16 && type != ffi::U16)
+    return ffi::Error::InvalidArgument("dense: the CPU kernel takes float32 or bfloat16 weights");
+  Problem p{x.typed_data(), w.untyped_data(), nullptr, y->typed_data(), xd[0], xd[1], transposed ? wd[0] : wd[1]};
+  if ((transposed ? wd[1] : wd[0]) != p.k || (bd[0] != 0 && bd[0] != p.n))
+    return ffi::Error::InvalidArgument("dense: inconsistent shapes");
+  if (bd[0] != 0) p.bias = bias.typed_data();
+  if (p.m == 0 || p.n == 0) return ffi::Error::Success();
+  if (type == ffi::F32)
+    compute<float>(p, transposed != 0, threads);
+  else
+    compute<uint16_t>(p, transposed != 0, threads);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DenseF32, DenseImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("transposed"));

@@ -3,10 +3,11 @@
     python benchmarks/step_profile.py decode --seqs 1 --context 250       # single-stream decode step
     python benchmarks/step_profile.py decode --seqs 64 --context 200      # batch-64 decode step
     python benchmarks/step_profile.py mixed --tokens 512 --context 200 --profile
-    python benchmarks/step_profile.py prefill --tokens 4096 --dtype bfloat16   # a long prefill in bf16
+    python benchmarks/step_profile.py prefill --tokens 4096 --prompts 1 --dtype bfloat16   # one long prompt
+    python benchmarks/step_profile.py decode --seqs 1 --dense-backend reference     # A/B: XLA's dot
 
 `decode`: `--seqs` sequences, one new token each, `--context` tokens of KV. `prefill`: `--tokens` split
-over 4 fresh prompts. `mixed`: 60 decodes plus 4 fresh prompts filling `--tokens` (what the scheduler
+over `--prompts` fresh prompts (4). `mixed`: 60 decodes plus 4 fresh prompts filling `--tokens` (what the scheduler
 builds while requests arrive). The step runs on the bundled default model through `ModelRunner.run`
 (padding, dispatch, the KV write, the host copy of the tokens), `--repeats` times; the table gives the
 median and the minimum (this shared 2-core machine varies by +-15%). `--profile` adds XLA's own trace of
@@ -35,13 +36,13 @@ from serving.runner import HostBatch, ModelRunner  # noqa: E402
 from serving.server_args import ServerArgs  # noqa: E402
 
 
-def build_batch(mode: str, seqs: int, tokens: int, context: int) -> HostBatch:
+def build_batch(mode: str, seqs: int, tokens: int, context: int, prompts: int = 4) -> HostBatch:
     if mode == "decode":
         q_lens, kv_lens = [1] * seqs, [context] * seqs
     else:
         decodes = 60 if mode == "mixed" else 0
-        chunk = (tokens - decodes) // 4
-        q_lens = [1] * decodes + [chunk] * 3 + [tokens - decodes - 3 * chunk]
+        chunk = (tokens - decodes) // prompts
+        q_lens = [1] * decodes + [chunk] * (prompts - 1) + [tokens - decodes - (prompts - 1) * chunk]
         kv_lens = [context] * decodes + q_lens[decodes:]
     positions = np.concatenate([np.arange(k - q, k) for k, q in zip(kv_lens, q_lens, strict=True)])
     pages_each = -(-max(kv_lens) // 16)
@@ -86,13 +87,16 @@ def main() -> None:
     parser.add_argument("--attention-backend", default="auto", choices=("auto", "cpu", "reference"))
     parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "bf16"))
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--dense-backend", default="auto", choices=("auto", "cpu", "reference"))
+    parser.add_argument("--prompts", type=int, default=4, help="fresh prompts of a prefill / mixed step")
     args = parser.parse_args()
 
-    batch = build_batch(args.mode, args.seqs, args.tokens, args.context)
+    batch = build_batch(args.mode, args.seqs, args.tokens, args.context, args.prompts)
     # A prefill longer than the default chunk runs as one step: the chunk is widened to hold it.
     server_args = ServerArgs(dtype=args.dtype, page_size=16, attention_backend=args.attention_backend,
                              max_running_requests=64, chunked_prefill_size=max(512, args.tokens),
-                             context_length=8192, max_total_tokens=96 * 512, kv_cache_dtype=args.kv_cache_dtype)
+                             context_length=8192, max_total_tokens=96 * 512, kv_cache_dtype=args.kv_cache_dtype,
+                             dense_backend=args.dense_backend)
     runner = ModelRunner(default_model_dir(), resolve_runtime_config(server_args))
     runner.run(batch)
     times = []

@@ -102,5 +102,5 @@ def dense(x, w, bias=None, *, transposed: bool = False):
     return reference.dense(x, w, bias, transposed=transposed)
 
 
-__all__ = ["DenseBackendError", "dense", "dense_scope", "in_dense_scope", "reference", "resolve_dense_backend",
+__all__ = ["DenseBackendError", "dense", "dense_scope", "in_dense_scope", "reference", "resolve_dense_backend", "tuning",
            "widened_dense"]

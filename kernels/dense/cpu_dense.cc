@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <thread>
 #include <vector>
 
@@ -95,16 +96,15 @@ struct Problem {
 
 // -- W [K, N]: column tiles, each streaming down the K rows -------------------------------------------
 
-// y[r0:r0+R, c0:c0+V*kLanes] for full vectors of columns.
+// y[r0:r0+R, c0:c0+V*kLanes] for full vectors of columns; `w` points at W[0, c0], rows `ld` apart.
 template <int R, int V, typename T>
-void tile_kn(const Problem& p, int64_t r0, int64_t c0) {
-  const T* w = static_cast<const T*>(p.w) + c0;
+void tile_kn(const Problem& p, const T* w, int64_t ld, int64_t r0, int64_t c0) {
   vf acc[R][V] = {};
   for (int64_t k = 0; k < p.k; ++k) {
-    const T* row = w + k * p.n;
+    const T* row = w + k * ld;
     if (R == 1 && k + kPrefetchRows < p.k)
       for (int v = 0; v < V * kLanes * int(sizeof(T)); v += 64) __builtin_prefetch(
-          reinterpret_cast<const char*>(row + kPrefetchRows * p.n) + v);
+          reinterpret_cast<const char*>(row + kPrefetchRows * ld) + v);
     vf wv[V];
     for (int v = 0; v < V; ++v) wv[v] = load(row + v * kLanes);
     for (int r = 0; r < R; ++r) {
@@ -120,13 +120,27 @@ void tile_kn(const Problem& p, int64_t r0, int64_t c0) {
     }
 }
 
-// Rows [0, M) of a column tile, R rows at a time.
+template <int V, typename T>
+void rows_on(const Problem& p, const T* w, int64_t ld, int64_t c0) {
+  int64_t r = 0;
+  for (; r + kTileRows <= p.m; r += kTileRows) tile_kn<kTileRows, V, T>(p, w, ld, r, c0);
+  for (; r < p.m; ++r) tile_kn<1, V, T>(p, w, ld, r, c0);
+}
+
+// Rows [0, M) of a column tile, R rows at a time. With several row tiles a bfloat16 tile is widened
+// once into a float32 buffer (K x V vectors, in L2) rather than in every row tile's inner loop.
 template <int V, typename T>
 void rows_kn(const Problem& p, int64_t c0) {
-  int64_t r = 0;
-  if (p.m == 1) return tile_kn<1, V, T>(p, 0, c0);
-  for (; r + kTileRows <= p.m; r += kTileRows) tile_kn<kTileRows, V, T>(p, r, c0);
-  for (; r < p.m; ++r) tile_kn<1, V, T>(p, r, c0);
+  const T* w = static_cast<const T*>(p.w) + c0;
+  if (p.m == 1) return tile_kn<1, V, T>(p, w, p.n, 0, c0);
+  if (std::is_same<T, uint16_t>::value && p.m >= 2 * kTileRows) {
+    thread_local std::vector<float> widened;
+    widened.resize(p.k * V * kLanes);
+    for (int64_t k = 0; k < p.k; ++k)
+      for (int v = 0; v < V; ++v) store(widened.data() + (k * V + v) * kLanes, load(w + k * p.n + v * kLanes));
+    return rows_on<V, float>(p, widened.data(), V * kLanes, c0);
+  }
+  rows_on<V, T>(p, w, p.n, c0);
 }
 
 // Columns [c0, c1) (c0 a multiple of kLanes): tiles of V vectors, single vectors, then scalar columns.

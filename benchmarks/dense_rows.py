@@ -5,8 +5,7 @@
 
 Shapes are the default model's (SmolLM2-135M): fused q/k/v 576 -> 960, fused gate/up 576 -> 3072, down
 1536 -> 576, and the tied LM head (49152 x 576, transposed). Per row count it prints the median ms of
-the kernel, of XLA's dot on the weights as stored, for bfloat16 of XLA's float32 dot on weights widened
-inside the jit (what the server runs for bfloat16 above the kernel's row threshold) and on a float32 copy
+the kernel, of XLA's dot on the weights as stored, for bfloat16 of XLA's float32 dot on a float32 copy
 (what `--dtype float32` runs), plus the kernel's weight read rate. The runs alternate, so a busy machine
 slows all of them alike. `kernels/dense/tuning.py` takes its row thresholds from this table.
 """
@@ -24,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.dense import cpu, reference, widened_dense  # noqa: E402
+from kernels.dense import cpu, reference  # noqa: E402
 
 SHAPES = {"qkv": (576, 960, False), "gate_up": (576, 3072, False), "down": (1536, 576, False),
           "lm_head": (576, 49152, True)}
@@ -50,8 +49,7 @@ def main() -> None:
     if cpu.unavailable_reason():
         sys.exit(f"the CPU dense kernel is unavailable: {cpu.unavailable_reason()}")
     rng = np.random.default_rng(0)
-    print("| dtype | shape | rows | kernel ms | XLA dot ms | XLA widened ms | XLA f32 copy ms | kernel GB/s |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print("| dtype | shape | rows | kernel ms | XLA dot ms | XLA f32 copy ms | kernel GB/s |\n|---|---|---|---|---|---|---|")
     for name in args.dtypes:
         dtype = jnp.dtype(name)
         for shape in args.shapes:
@@ -60,15 +58,12 @@ def main() -> None:
             w32 = w.astype(jnp.float32)
             kernel = jax.jit(lambda x, w, t=transposed: cpu.dense(x, w, transposed=t))
             xla = jax.jit(lambda x, w, t=transposed: reference.dense(x, w, transposed=t))
-            widened = jax.jit(lambda x, w, t=transposed: widened_dense(x, w, transposed=t))
             for rows in args.rows:
                 x = jnp.asarray(rng.standard_normal((rows, k)), dtype)
                 ms = median_ms(kernel, (x, w), args.repeats)
                 xla_ms = median_ms(xla, (x, w), args.repeats)
-                same = name == "float32"
-                widened_ms = xla_ms if same else median_ms(widened, (x, w), args.repeats)
-                copy_ms = xla_ms if same else median_ms(xla, (x.astype(jnp.float32), w32), args.repeats)
-                print(f"| {name} | {shape} | {rows} | {ms:.3f} | {xla_ms:.3f} | {widened_ms:.3f} | "
+                copy_ms = xla_ms if name == "float32" else median_ms(xla, (x.astype(jnp.float32), w32), args.repeats)
+                print(f"| {name} | {shape} | {rows} | {ms:.3f} | {xla_ms:.3f} | "
                       f"{copy_ms:.3f} | {w.nbytes / ms / 1e6:.1f} |", flush=True)
 
 

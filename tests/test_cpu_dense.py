@@ -114,7 +114,7 @@ def test_dispatch_by_scope_dtype_and_rows(rng):
     limit = tuning.max_rows(jnp.bfloat16)
     small = hlo(limit)
     assert small.count(KERNEL_CALL) == 1 and not _weight_converts(small, [w.shape])  # bf16 read as stored
-    assert KERNEL_CALL not in hlo(limit + 1)  # many rows: XLA's matmul on a widened weight
+    assert KERNEL_CALL not in hlo(limit + 1)  # many rows: XLA's blocked matmul
     assert KERNEL_CALL not in hlo(1, scope="reference")
     assert KERNEL_CALL not in jax.jit(dense).lower(jnp.ones((1, 48), jnp.bfloat16), w).compile().as_text()
     assert KERNEL_CALL not in hlo(1, weight=w.astype(jnp.float16))  # a dtype the kernel does not take

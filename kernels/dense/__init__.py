@@ -79,28 +79,15 @@ def in_dense_scope(backend: str, fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def widened_dense(x, w, bias=None, *, transposed: bool = False):
-    """`reference.dense` on float32 copies of `x` and `w` made inside the step, rounded back to their dtype:
-    for a bfloat16 weight and many rows XLA:CPU's float32 matmul plus the widening beats its bfloat16 dot
-    (which widens per block, `benchmarks/dense_rows.py`); the copy lives only during the product."""
-    out_dtype = jnp.result_type(x.dtype, w.dtype)
-    f32 = jnp.float32
-    y = reference.dense(x.astype(f32), w.astype(f32), None if bias is None else bias.astype(f32), transposed=transposed)
-    return y.astype(out_dtype)
-
-
 def dense(x, w, bias=None, *, transposed: bool = False):
     """`x[..., K] @ w[K, N] (+ bias)`, or `x @ w[N, K].T` with `transposed`; `reference.dense`'s contract."""
     if _active.get() != "cpu" or jnp.dtype(w.dtype) not in tuning.WEIGHT_DTYPES:
         return reference.dense(x, w, bias, transposed=transposed)
-    if math.prod(x.shape[:-1]) <= tuning.max_rows(w.dtype, transposed=transposed):
+    if math.prod(x.shape[:-1]) <= tuning.max_rows(w.dtype):
         from kernels.dense import cpu
 
         return cpu.dense(x, w, bias, transposed=transposed)
-    if jnp.dtype(w.dtype) == jnp.bfloat16:
-        return widened_dense(x, w, bias, transposed=transposed)
     return reference.dense(x, w, bias, transposed=transposed)
 
 
-__all__ = ["DenseBackendError", "dense", "dense_scope", "in_dense_scope", "reference", "resolve_dense_backend", "tuning",
-           "widened_dense"]
+__all__ = ["DenseBackendError", "dense", "dense_scope", "in_dense_scope", "reference", "resolve_dense_backend", "tuning"]

@@ -127,13 +127,15 @@ void rows_on(const Problem& p, const T* w, int64_t ld, int64_t c0) {
   for (; r < p.m; ++r) tile_kn<1, V, T>(p, w, ld, r, c0);
 }
 
-// Rows [0, M) of a column tile, R rows at a time. With several row tiles a bfloat16 tile is widened
-// once into a float32 buffer (K x V vectors, in L2) rather than in every row tile's inner loop.
+// Rows [0, M) of a column tile, R rows at a time. With several row tiles the tile is first copied
+// (a bfloat16 one widened) into a contiguous float32 buffer (K x V vectors, in L2): the row tiles then
+// read it sequentially, where W's own rows are a page apart (no prefetch, a TLB entry each), and widen
+// nothing in their inner loop. 2x on the fused gate/up product at 64 rows.
 template <int V, typename T>
 void rows_kn(const Problem& p, int64_t c0) {
   const T* w = static_cast<const T*>(p.w) + c0;
   if (p.m == 1) return tile_kn<1, V, T>(p, w, p.n, 0, c0);
-  if (std::is_same<T, uint16_t>::value && p.m >= 2 * kTileRows) {
+  if (p.m >= 2 * kTileRows) {
     thread_local std::vector<float> widened;
     widened.resize(p.k * V * kLanes);
     for (int64_t k = 0; k < p.k; ++k)
@@ -161,9 +163,9 @@ void columns_kn(const Problem& p, int64_t c0, int64_t c1) {
 
 // -- W [N, K]: rows of W against rows of x, dot products along K --------------------------------------
 
+// y[r0:r0+R, c0:c0+C]; `w` points at W[c0, 0] (rows K apart).
 template <int R, int C, typename T>
-void tile_nk(const Problem& p, int64_t r0, int64_t c0) {
-  const T* w = static_cast<const T*>(p.w) + c0 * p.k;
+void tile_nk(const Problem& p, const T* w, int64_t r0, int64_t c0) {
   vf acc[R][C] = {};
   int64_t k = 0;
   for (; k + kLanes <= p.k; k += kLanes) {
@@ -183,10 +185,23 @@ void tile_nk(const Problem& p, int64_t r0, int64_t c0) {
 }
 
 template <int C, typename T>
-void rows_nk(const Problem& p, int64_t c0) {
+void rows_nk_on(const Problem& p, const T* w, int64_t c0) {
   int64_t r = 0;
-  for (; r + kTileRows <= p.m; r += kTileRows) tile_nk<kTileRows, C, T>(p, r, c0);
-  for (; r < p.m; ++r) tile_nk<1, C, T>(p, r, c0);
+  for (; r + kTileRows <= p.m; r += kTileRows) tile_nk<kTileRows, C, T>(p, w, r, c0);
+  for (; r < p.m; ++r) tile_nk<1, C, T>(p, w, r, c0);
+}
+
+// As `rows_kn`: with several row tiles, bfloat16 rows of W are widened once into a float32 buffer.
+template <int C, typename T>
+void rows_nk(const Problem& p, int64_t c0) {
+  const T* w = static_cast<const T*>(p.w) + c0 * p.k;
+  if (std::is_same<T, uint16_t>::value && p.m >= 2 * kTileRows) {
+    thread_local std::vector<float> widened;
+    widened.resize(C * p.k);
+    for (int64_t i = 0; i < C * p.k; ++i) widened[i] = widen(w[i]);
+    return rows_nk_on<C, float>(p, widened.data(), c0);
+  }
+  rows_nk_on<C, T>(p, w, c0);
 }
 
 template <typename T>

@@ -1,8 +1,8 @@
 """The native CPU dense kernel (`cpu_dense.cc`), built on first use (`kernels.native_build`) and called as
 an XLA FFI op with the contract of `reference.dense`.
 
-The kernel takes float32 activations (a `[M, K]` copy, small next to the weight) and float32 or bfloat16
-weights as they are stored, accumulates in float32 and returns float32; the result is rounded to the
+The kernel takes float32 activations (a `[M, K]` copy, small next to the weight; `x_is_bf16` says they
+hold bfloat16 values, which lets AVX512-BF16 take them in pairs) and float32 or bfloat16 weights as stored, accumulates in float32 and returns float32; the result is rounded to the
 promoted dtype of `x` and `w` here, once, as a bfloat16 Linear in transformers rounds its output.
 """
 
@@ -37,5 +37,6 @@ def dense(x, w, bias=None, *, transposed: bool = False):
     rows = x.reshape(-1, k).astype(jnp.float32)
     b = jnp.zeros((0,), jnp.float32) if bias is None else bias.astype(jnp.float32)
     y = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32),
-                         vmap_method="sequential")(rows, w, b, transposed=np.int64(transposed))
+                         vmap_method="sequential")(rows, w, b, transposed=np.int64(transposed),
+                                                   x_is_bf16=np.int64(x.dtype == jnp.bfloat16))
     return y.reshape(*x.shape[:-1], n).astype(out_dtype)

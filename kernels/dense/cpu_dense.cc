@@ -20,6 +20,9 @@
 #include <cstring>
 #include <memory>
 #include <type_traits>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 #include <thread>
 #include <vector>
 
@@ -92,6 +95,7 @@ struct Problem {
   const float* bias;  // [N] or null
   float* y;           // [M, N]
   int64_t m, k, n;
+  const uint32_t* x_pairs = nullptr;  // [M, ceil(K / 2)] bfloat16 pairs of x, for `tile_dp` (else null)
 };
 
 // -- W [K, N]: column tiles, each streaming down the K rows -------------------------------------------
@@ -127,6 +131,59 @@ void rows_on(const Problem& p, const T* w, int64_t ld, int64_t c0) {
   for (; r < p.m; ++r) tile_kn<1, V, T>(p, w, ld, r, c0);
 }
 
+#if defined(__AVX512BF16__)
+// AVX512-BF16: y[r0:r0+R, c0:c0+V*16] from a column tile packed as (k, k+1) pairs (`packed[kp][col][2]`),
+// `vdpbf16ps` doing two multiply-adds per lane per instruction. x's pairs come from `p.x_pairs`. Measured
+// single-threaded at 64 x 576 x 3072: 3.4 ms against 3.7-4.8 ms widening to float32 for FMAs.
+template <int R, int V>
+void tile_dp(const Problem& p, const uint16_t* packed, int64_t r0, int64_t c0) {
+  const int64_t pairs = (p.k + 1) / 2;
+  __m512 acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < pairs; ++kp) {
+    __m512bh wv[V];
+    for (int v = 0; v < V; ++v) wv[v] = (__m512bh)_mm512_loadu_si512(packed + (kp * V * 16 + v * 16) * 2);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xr = (__m512bh)_mm512_set1_epi32(static_cast<int>(p.x_pairs[(r0 + r) * pairs + kp]));
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], xr, wv[v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) {
+      __m512 out = acc[r][v];
+      if (p.bias) out = _mm512_add_ps(out, _mm512_loadu_ps(p.bias + c0 + v * 16));
+      _mm512_storeu_ps(p.y + (r0 + r) * p.n + c0 + v * 16, out);
+    }
+}
+
+// Pack W[:, c0:c0+V*16] (`w` at W[0, c0]) as (k, k+1) pairs, a zero row past an odd K, and run every row.
+template <int V>
+void rows_dp(const Problem& p, const uint16_t* w, int64_t c0) {
+  const int64_t pairs = (p.k + 1) / 2, cols = V * 16;
+  thread_local std::vector<uint16_t> packed;
+  packed.resize(pairs * cols * 2);
+  // vpermt2w interleaves 16 columns of rows k and k+1 per output vector.
+  alignas(64) static const uint16_t kLow[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i low = _mm512_load_si512(kLow), high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
+  for (int64_t kp = 0; kp < pairs; ++kp) {
+    const uint16_t* a = w + 2 * kp * p.n;
+    const bool odd = 2 * kp + 1 == p.k;  // the pair's second row is past K: zeros
+    for (int64_t j = 0; j < cols; j += 32) {
+      const __m512i r0 = _mm512_loadu_si512(a + j);
+      const __m512i r1 = odd ? _mm512_setzero_si512() : _mm512_loadu_si512(a + p.n + j);
+      uint16_t* out = packed.data() + (kp * cols + j) * 2;
+      _mm512_storeu_si512(out, _mm512_permutex2var_epi16(r0, low, r1));
+      _mm512_storeu_si512(out + 32, _mm512_permutex2var_epi16(r0, high, r1));
+    }
+  }
+  int64_t r = 0;
+  for (; r + kTileRows <= p.m; r += kTileRows) tile_dp<kTileRows, V>(p, packed.data(), r, c0);
+  for (; r < p.m; ++r) tile_dp<1, V>(p, packed.data(), r, c0);
+}
+#endif
+
 // Rows [0, M) of a column tile, R rows at a time. With several row tiles the tile is first copied
 // (a bfloat16 one widened) into a contiguous float32 buffer (K x V vectors, in L2): the row tiles then
 // read it sequentially, where W's own rows are a page apart (no prefetch, a TLB entry each), and widen
@@ -135,6 +192,10 @@ template <int V, typename T>
 void rows_kn(const Problem& p, int64_t c0) {
   const T* w = static_cast<const T*>(p.w) + c0;
   if (p.m == 1) return tile_kn<1, V, T>(p, w, p.n, 0, c0);
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same<T, uint16_t>::value && V % 2 == 0)  // packing goes 32 columns at a time
+    if (p.x_pairs) return rows_dp<V>(p, w, c0);
+#endif
   if (p.m >= 2 * kTileRows) {
     thread_local std::vector<float> widened;
     widened.resize(p.k * V * kLanes);
@@ -245,7 +306,8 @@ void compute(const Problem& p, bool transposed, ffi::ThreadPool& threads) {
 }
 
 ffi::Error DenseImpl(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
-                     ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y, int64_t transposed) {
+                     ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y, int64_t transposed,
+                     int64_t x_is_bf16) {
   const auto xd = x.dimensions(), wd = w.dimensions(), bd = bias.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || bd.size() != 1)
     return ffi::Error::InvalidArgument("dense: x [M, K], w rank 2, bias rank 1");
@@ -258,6 +320,25 @@ ffi::Error DenseImpl(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> x, ffi::AnyB
     return ffi::Error::InvalidArgument("dense: inconsistent shapes");
   if (bd[0] != 0) p.bias = bias.typed_data();
   if (p.m == 0 || p.n == 0) return ffi::Error::Success();
+#if defined(__AVX512BF16__)
+  // bfloat16 x and W, several row tiles, [K, N]: `tile_dp`. x holds bfloat16 values, so its pairs are
+  // its high halves, exactly.
+  std::vector<uint32_t> x_pairs;
+  if (type != ffi::F32 && x_is_bf16 && !transposed && p.m >= 2 * kTileRows) {
+    const int64_t pairs = (p.k + 1) / 2;
+    x_pairs.resize(p.m * pairs);
+    for (int64_t r = 0; r < p.m; ++r)
+      for (int64_t kp = 0; kp < pairs; ++kp) {
+        uint32_t lo, hi = 0;
+        std::memcpy(&lo, p.x + r * p.k + 2 * kp, 4);
+        if (2 * kp + 1 < p.k) std::memcpy(&hi, p.x + r * p.k + 2 * kp + 1, 4);
+        x_pairs[r * pairs + kp] = (lo >> 16) | (hi & 0xffff0000u);
+      }
+    p.x_pairs = x_pairs.data();
+  }
+#else
+  (void)x_is_bf16;
+#endif
   if (type == ffi::F32)
     compute<float>(p, transposed != 0, threads);
   else
@@ -274,4 +355,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DenseF32, DenseImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("transposed"));
+                                  .Attr<int64_t>("transposed")
+                                  .Attr<int64_t>("x_is_bf16"));

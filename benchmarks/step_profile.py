@@ -5,13 +5,14 @@
     python benchmarks/step_profile.py mixed --tokens 512 --context 200 --profile
     python benchmarks/step_profile.py prefill --tokens 4096 --prompts 1 --dtype bfloat16   # one long prompt
     python benchmarks/step_profile.py decode --seqs 1 --dense-backend reference cpu   # A/B, alternating
+    python benchmarks/step_profile.py decode --seqs 1 --dtype float32 bfloat16 --dense-backend reference cpu
 
 `decode`: `--seqs` sequences, one new token each, `--context` tokens of KV. `prefill`: `--tokens` split
 over `--prompts` fresh prompts (4). `mixed`: 60 decodes plus 4 fresh prompts filling `--tokens` (what the scheduler
 builds while requests arrive). The step runs on the bundled default model through `ModelRunner.run`
 (padding, dispatch, the KV write, the host copy of the tokens), `--repeats` times; the table gives the
 median and the minimum (this shared 2-core machine varies by +-15%). Several `--dense-backend`s build one
-runner each and alternate their steps, so a busy machine slows them alike. `--profile` adds XLA's own trace of
+runner each and alternate their steps, so a busy machine slows them alike; so do several `--dtype`s. `--profile` adds XLA's own trace of
 the step, summed per HLO op kind (thread-summed: two worker threads can both count).
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
+import itertools
 import re
 import sys
 import tempfile
@@ -87,7 +89,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--attention-backend", default="auto", choices=("auto", "cpu", "reference"))
     parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "bf16"))
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--dtype", nargs="+", default=["float32"], choices=("float32", "bfloat16"))
     parser.add_argument("--dense-backend", nargs="+", default=["auto"], choices=("auto", "cpu", "reference"))
     parser.add_argument("--prompts", type=int, default=4, help="fresh prompts of a prefill / mixed step")
     args = parser.parse_args()
@@ -95,28 +97,28 @@ def main() -> None:
     batch = build_batch(args.mode, args.seqs, args.tokens, args.context, args.prompts)
     # A prefill longer than the default chunk runs as one step: the chunk is widened to hold it.
     runners = {}
-    for dense in args.dense_backend:
-        server_args = ServerArgs(dtype=args.dtype, page_size=16, attention_backend=args.attention_backend,
+    for dtype, dense in itertools.product(args.dtype, args.dense_backend):
+        server_args = ServerArgs(dtype=dtype, page_size=16, attention_backend=args.attention_backend,
                                  max_running_requests=64, chunked_prefill_size=max(512, args.tokens),
                                  context_length=8192, max_total_tokens=96 * 512, kv_cache_dtype=args.kv_cache_dtype,
                                  dense_backend=dense)
-        runners[dense] = ModelRunner(default_model_dir(), resolve_runtime_config(server_args))
-        runners[dense].run(batch)
-    times = {dense: [] for dense in runners}
+        runners[dtype, dense] = ModelRunner(default_model_dir(), resolve_runtime_config(server_args))
+        runners[dtype, dense].run(batch)
+    times = {key: [] for key in runners}
     cpu = dict.fromkeys(runners, 0.0)
     for _ in range(args.repeats):
-        for dense, runner in runners.items():
+        for key, runner in runners.items():
             cpu_start, start = time.process_time(), time.perf_counter()
             runner.run(batch)
-            times[dense].append(time.perf_counter() - start)
-            cpu[dense] += time.process_time() - cpu_start
+            times[key].append(time.perf_counter() - start)
+            cpu[key] += time.process_time() - cpu_start
     tokens, seqs = len(batch.input_ids), len(batch.kv_lens)
     print("| mode | dtype | dense | tokens | sequences | context | median ms | min ms | cpu/wall |\n"
           "|---|---|---|---|---|---|---|---|---|")
-    for dense, runner in runners.items():
-        runs = times[dense]
-        print(f"| {args.mode} | {args.dtype} | {runner.dense_backend} | {tokens} | {seqs} | {args.context} | "
-              f"{np.median(runs) * 1e3:.1f} | {min(runs) * 1e3:.1f} | {cpu[dense] / sum(runs):.2f} |")
+    for key, runner in runners.items():
+        runs = times[key]
+        print(f"| {args.mode} | {key[0]} | {runner.dense_backend} | {tokens} | {seqs} | {args.context} | "
+              f"{np.median(runs) * 1e3:.1f} | {min(runs) * 1e3:.1f} | {cpu[key] / sum(runs):.2f} |")
     if args.profile:
         for runner in runners.values():
             print(f"\nDense backend {runner.dense_backend}:")

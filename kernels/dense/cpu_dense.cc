@@ -6,8 +6,9 @@
 //
 // Why: XLA:CPU widens a bfloat16 weight to float32 before every dot (a weight-sized convert per call,
 // 1.7 GB/s), and its float32 matrix-vector product reads weights well below the copy rate. Here each
-// weight is read once per call at the streaming rate, widened in registers, and used for up to kRows rows
-// of x while it is there.
+// weight is read once per call at the streaming rate, widened in registers, and used for up to kTileRows
+// rows of x while it is there (several row tiles read a contiguous float32 copy of their column tile, or
+// with AVX512-BF16 a pair-packed bfloat16 one for `vdpbf16ps`).
 //
 // Work: the output columns (the rows of a transposed W) are cut into contiguous chunks, run by the
 // calling thread and XLA's intra-op pool (`compute`); each chunk streams its slice of every weight row.
@@ -47,7 +48,7 @@ constexpr int kTileWRows = 4;   // rows of a transposed W per tile
 constexpr int64_t kPrefetchRows = 8;       // weight rows ahead of the one being read
 constexpr int64_t kThreadWork = 1 << 16;   // multiply-adds below which one thread is enough
 constexpr int kSpin = 1 << 12;             // pause loops before the caller yields while helpers finish
-constexpr int64_t kMaxThreads = 2;         // the product is bandwidth-bound: two streams fill it on 2-8 cores
+constexpr int64_t kMaxThreads = 2;         // measured on 2-core machines only; more needs measuring
 constexpr int64_t kChunksPerThread = 4;    // chunks per thread, so a preempted helper delays little
 
 typedef float vf __attribute__((vector_size(kLanes * 4)));

@@ -3,12 +3,16 @@
     python benchmarks/step_profile.py decode --seqs 1 --context 250       # single-stream decode step
     python benchmarks/step_profile.py decode --seqs 64 --context 200      # batch-64 decode step
     python benchmarks/step_profile.py mixed --tokens 512 --context 200 --profile
+    python benchmarks/step_profile.py prefill --tokens 4096 --prompts 1 --dtype bfloat16   # one long prompt
+    python benchmarks/step_profile.py decode --seqs 1 --dense-backend reference cpu   # A/B, alternating
+    python benchmarks/step_profile.py decode --seqs 1 --dtype float32 bfloat16 --dense-backend reference cpu
 
 `decode`: `--seqs` sequences, one new token each, `--context` tokens of KV. `prefill`: `--tokens` split
-over 4 fresh prompts. `mixed`: 60 decodes plus 4 fresh prompts filling `--tokens` (what the scheduler
+over `--prompts` fresh prompts (4). `mixed`: 60 decodes plus 4 fresh prompts filling `--tokens` (what the scheduler
 builds while requests arrive). The step runs on the bundled default model through `ModelRunner.run`
 (padding, dispatch, the KV write, the host copy of the tokens), `--repeats` times; the table gives the
-median and the minimum (this shared 2-core machine varies by +-15%). `--profile` adds XLA's own trace of
+median and the minimum (this shared 2-core machine varies by +-15%). Several `--dense-backend`s build one
+runner each and alternate their steps, so a busy machine slows them alike; so do several `--dtype`s. `--profile` adds XLA's own trace of
 the step, summed per HLO op kind (thread-summed: two worker threads can both count).
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
+import itertools
 import re
 import sys
 import tempfile
@@ -34,13 +39,13 @@ from serving.runner import HostBatch, ModelRunner  # noqa: E402
 from serving.server_args import ServerArgs  # noqa: E402
 
 
-def build_batch(mode: str, seqs: int, tokens: int, context: int) -> HostBatch:
+def build_batch(mode: str, seqs: int, tokens: int, context: int, prompts: int = 4) -> HostBatch:
     if mode == "decode":
         q_lens, kv_lens = [1] * seqs, [context] * seqs
     else:
         decodes = 60 if mode == "mixed" else 0
-        chunk = (tokens - decodes) // 4
-        q_lens = [1] * decodes + [chunk] * 3 + [tokens - decodes - 3 * chunk]
+        chunk = (tokens - decodes) // prompts
+        q_lens = [1] * decodes + [chunk] * (prompts - 1) + [tokens - decodes - (prompts - 1) * chunk]
         kv_lens = [context] * decodes + q_lens[decodes:]
     positions = np.concatenate([np.arange(k - q, k) for k, q in zip(kv_lens, q_lens, strict=True)])
     pages_each = -(-max(kv_lens) // 16)
@@ -84,27 +89,40 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--attention-backend", default="auto", choices=("auto", "cpu", "reference"))
     parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "bf16"))
+    parser.add_argument("--dtype", nargs="+", default=["float32"], choices=("float32", "bfloat16"))
+    parser.add_argument("--dense-backend", nargs="+", default=["auto"], choices=("auto", "cpu", "reference"))
+    parser.add_argument("--prompts", type=int, default=4, help="fresh prompts of a prefill / mixed step")
     args = parser.parse_args()
 
-    batch = build_batch(args.mode, args.seqs, args.tokens, args.context)
-    server_args = ServerArgs(dtype="float32", page_size=16, attention_backend=args.attention_backend,
-                             max_running_requests=64, chunked_prefill_size=512, context_length=8192,
-                             max_total_tokens=96 * 512, kv_cache_dtype=args.kv_cache_dtype)
-    runner = ModelRunner(default_model_dir(), resolve_runtime_config(server_args))
-    runner.run(batch)
-    times = []
-    cpu_start = time.process_time()
+    batch = build_batch(args.mode, args.seqs, args.tokens, args.context, args.prompts)
+    # A prefill longer than the default chunk runs as one step: the chunk is widened to hold it.
+    runners = {}
+    for dtype, dense in itertools.product(args.dtype, args.dense_backend):
+        server_args = ServerArgs(dtype=dtype, page_size=16, attention_backend=args.attention_backend,
+                                 max_running_requests=64, chunked_prefill_size=max(512, args.tokens),
+                                 context_length=8192, max_total_tokens=96 * 512, kv_cache_dtype=args.kv_cache_dtype,
+                                 dense_backend=dense)
+        runners[dtype, dense] = ModelRunner(default_model_dir(), resolve_runtime_config(server_args))
+        runners[dtype, dense].run(batch)
+    times = {key: [] for key in runners}
+    cpu = dict.fromkeys(runners, 0.0)
     for _ in range(args.repeats):
-        start = time.perf_counter()
-        runner.run(batch)
-        times.append(time.perf_counter() - start)
-    cpu_per_wall = (time.process_time() - cpu_start) / sum(times)
+        for key, runner in runners.items():
+            cpu_start, start = time.process_time(), time.perf_counter()
+            runner.run(batch)
+            times[key].append(time.perf_counter() - start)
+            cpu[key] += time.process_time() - cpu_start
     tokens, seqs = len(batch.input_ids), len(batch.kv_lens)
-    print(f"| mode | tokens | sequences | context | median ms | min ms | cpu/wall |\n|---|---|---|---|---|---|---|\n"
-          f"| {args.mode} | {tokens} | {seqs} | {args.context} | {np.median(times) * 1e3:.1f} | "
-          f"{min(times) * 1e3:.1f} | {cpu_per_wall:.2f} |")
+    print("| mode | dtype | dense | tokens | sequences | context | median ms | min ms | cpu/wall |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+    for key, runner in runners.items():
+        runs = times[key]
+        print(f"| {args.mode} | {key[0]} | {runner.dense_backend} | {tokens} | {seqs} | {args.context} | "
+              f"{np.median(runs) * 1e3:.1f} | {min(runs) * 1e3:.1f} | {cpu[key] / sum(runs):.2f} |")
     if args.profile:
-        profile(runner, batch, args.top)
+        for runner in runners.values():
+            print(f"\nDense backend {runner.dense_backend}:")
+            profile(runner, batch, args.top)
 
 
 if __name__ == "__main__":

@@ -8,3 +8,5 @@ ATTENTION_BACKENDS = ("auto", "pallas", "cpu", "reference")
 ATTENTION_BACKENDS_FOR_TESTS = ("pallas_tpu", "pallas_gpu")
 # `--moe-backend`.
 MOE_BACKENDS = ("auto", "pallas", "reference")
+# `--dense-backend`: auto (the native CPU kernel where it runs, XLA's dot elsewhere), cpu, reference (XLA's dot).
+DENSE_BACKENDS = ("auto", "cpu", "reference")

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels.dense import dense
+
 POOLING_METHODS = ("last", "mean", "cls")
 
 
@@ -25,12 +27,10 @@ class LMHead(nnx.Module):
             jax.random.normal(rngs.params(), (hidden, vocab), dtype) / math.sqrt(hidden))
 
     def __call__(self, x, embedding):
-        if self.kernel is None:
-            # `E @ x.T` reads the [vocab, hidden] table row-major as it is stored; `x @ E.T` made XLA:CPU
-            # copy the whole transposed table every step.
-            out = (embedding @ x.T).T
+        if self.kernel is None:  # a product over the rows of the [vocab, hidden] table, as it is stored
+            out = dense(x, embedding, transposed=True)
         else:
-            out = x @ self.kernel[...]
+            out = dense(x, self.kernel[...])
         return out.astype(jnp.float32)
 
 

@@ -9,9 +9,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels.dense import dense
+
 
 class Dense(nnx.Module):
-    """`y = x @ kernel (+ bias)`; kernel is `[in, out]` (the transpose of a torch Linear weight)."""
+    """`y = x @ kernel (+ bias)`; kernel is `[in, out]` (the transpose of a torch Linear weight). The product
+    is `kernels.dense.dense`: the native CPU kernel inside the runner's steps where it runs, XLA's dot else."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype, rngs: nnx.Rngs):
         self.kernel = nnx.Param(
@@ -20,10 +23,7 @@ class Dense(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
 
     def __call__(self, x):
-        y = x @ self.kernel[...]
-        if self.bias is not None:
-            y = y + self.bias[...]
-        return y
+        return dense(x, self.kernel[...], None if self.bias is None else self.bias[...])
 
 
 class FusedDense(nnx.Module):
@@ -39,9 +39,7 @@ class FusedDense(nnx.Module):
         self.sizes = tuple(int(p.kernel.shape[1]) for p in parts)
 
     def __call__(self, x):
-        y = x @ self.kernel[...]
-        if self.bias is not None:
-            y = y + self.bias[...]
+        y = dense(x, self.kernel[...], None if self.bias is None else self.bias[...])
         ends = [sum(self.sizes[: i + 1]) for i in range(len(self.sizes))]
         return [y[..., end - size : end] for end, size in zip(ends, self.sizes, strict=True)]
 

@@ -52,6 +52,7 @@ class RuntimeConfig:
     watchdog_timeout: float | None = None  # seconds a step may run before its requests are aborted (faults.py)
     tp_size: int = 1  # --tp-size: attention heads and MLP columns over the mesh's `tensor` axis (serving.mesh)
     ep_size: int = 1  # --ep-size: a MoE model's experts over the mesh's `expert` axis
+    dense_backend: str = "auto"  # `--dense-backend`, resolved by the runner (`kernels.dense.resolve_dense_backend`)
 
     @property
     def on_cpu(self) -> bool:
@@ -90,6 +91,7 @@ def resolve_runtime_config(args: ServerArgs, platform: str | None = None) -> Run
         moe_backend=args.moe_backend, expert_recorder_mode=args.expert_distribution_recorder_mode,
         is_embedding=args.is_embedding, watchdog_timeout=args.watchdog_timeout or None,
         tp_size=args.tp_size, ep_size=args.ep_size,
+        dense_backend=args.dense_backend,
     )
 
 

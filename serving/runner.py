@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from checkpoints.load import load_checkpoint
 from checkpoints.name_maps import weight_name_map_for
 from kernels.attention import AttentionBackend, resolve_attention_backend
+from kernels.dense import in_dense_scope, resolve_dense_backend
 from model.config import ModelConfig
 from model.decoder import BoundParams, arrange_params
 from model.decoder_pooling import pooling_for
@@ -150,6 +151,9 @@ class ModelRunner:
         self.params, self._bound = self._arrange(self._load(self.model_dir))
         self.weight_bytes = params_bytes(self.params)
         per_device_weights = max(entry["weights_bytes"] for entry in device_memory(self.placement, self.params, None))
+        # Linear layers and the LM head: the native CPU kernel or XLA's dot, for every jit below (`_jit`).
+        self.dense_backend = resolve_dense_backend(config.dense_backend, platform=config.platform,
+                                                   num_devices=len(self.placement.devices))
 
         self.max_seqs = next_pow2(config.max_running_requests)
         self.max_tokens = next_pow2(max(config.max_step_tokens, self.max_seqs))
@@ -171,24 +175,28 @@ class ModelRunner:
         static = (self._bound, self._param_treedef, self.attention)
         # The CPU path's step only reads the cache (nothing to donate); the Pallas kernels update it in place.
         donate = () if self.attention.head_major else (1,)
-        self._step = jax.jit(partial(_keep_aux, partial(_sample_step, *static), self.aux_names),
-                             donate_argnums=donate)
+        self._step = self._jit(partial(_keep_aux, partial(_sample_step, *static), self.aux_names),
+                               donate_argnums=donate)
         # Only for steps where a request asks for penalties or logprobs, each on the step's device outputs.
         # Separate small jits so a new width of an id list compiles in a fraction of a second: the
         # penalties (per width), the sampler (once per sequence bucket), the logprobs (per width).
         self._penalise = jax.jit(apply_penalties)
         self._resample = jax.jit(sample)
-        self._logprobs = jax.jit(partial(_logprob_step, self._bound, self._param_treedef),
-                                 static_argnames=("num_top",))
+        self._logprobs = self._jit(partial(_logprob_step, self._bound, self._param_treedef),
+                                   static_argnames=("num_top",))
         self._pool_steps: dict[tuple[str, bool], object] = {}
         self._pool_static = static
         self._write_kv = jax.jit(self.attention.write_layers, donate_argnums=(0,))
         logger.info(
-            "Model %s loaded: %s, %.1f MB of weights; KV cache %d pages x %d tokens, %s (%.1f MB); attention: %s",
-            self.config.architecture, jnp.dtype(self.dtype).name, self.weight_bytes / 1e6,
+            "Model %s loaded: %s, %.1f MB of weights; KV cache %d pages x %d tokens, %s (%.1f MB); attention: %s; "
+            "dense: %s", self.config.architecture, jnp.dtype(self.dtype).name, self.weight_bytes / 1e6,
             self.kv_spec.num_pages, config.page_size, jnp.dtype(self.kv_dtype).name,
-            self.kv_spec.total_bytes / 1e6, self.attention.name,
+            self.kv_spec.total_bytes / 1e6, self.attention.name, self.dense_backend,
         )
+
+    def _jit(self, fn, **options):
+        """`jax.jit` of a function that runs the model: its products trace on the resolved dense backend."""
+        return jax.jit(partial(in_dense_scope, self.dense_backend, fn), **options)
 
     def _abstract_model(self, config: ModelConfig):
         cls = model_class_for(config, self.runtime.is_embedding)
@@ -343,10 +351,10 @@ class ModelRunner:
         key = (method, normalize)
         if key not in self._pool_steps:
             if self.is_encoder:
-                step = jax.jit(partial(_encode_step, *self._pool_static, method, normalize))
+                step = self._jit(partial(_encode_step, *self._pool_static, method, normalize))
             else:  # the same aux filtering as the sampling step: only what the recorder asks leaves the device
-                step = jax.jit(partial(_keep_aux, partial(_pool_step, *self._pool_static, method, normalize),
-                                       self.aux_names), donate_argnums=() if self.attention.head_major else (1,))
+                step = self._jit(partial(_keep_aux, partial(_pool_step, *self._pool_static, method, normalize),
+                                         self.aux_names), donate_argnums=() if self.attention.head_major else (1,))
             self._pool_steps[key] = step
         if not self.is_encoder:
             return self._run(self._pool_steps[key], batch, num_tokens)

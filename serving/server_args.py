@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from checkpoints.resolve import LOAD_FORMATS, check_load_format
-from kernels.backends import ATTENTION_BACKENDS, MOE_BACKENDS
+from kernels.backends import ATTENTION_BACKENDS, DENSE_BACKENDS, MOE_BACKENDS
 
 DTYPE_CHOICES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 LOG_LEVEL_CHOICES = ("debug", "info", "warning", "error", "critical")
@@ -181,6 +181,10 @@ class ServerArgs:
         "auto", "Attention implementation: auto (the platform's kernel: Pallas on TPU / GPU, the native "
         "kernel on CPU), pallas, cpu (the native CPU kernel), reference (plain jnp).", type=str,
         choices=ATTENTION_BACKEND_CHOICES)
+    dense_backend: str = _arg(
+        "auto", "Linear layers and LM head: auto (the native CPU kernel on CPU for float32 / bfloat16 weights "
+        "and small batches, XLA's dot elsewhere), cpu (that kernel; refuses to start where it cannot run), "
+        "reference (XLA's dot everywhere).", type=str, choices=DENSE_BACKENDS)
     moe_backend: str = _arg(
         "auto", "MoE grouped-matmul implementation: auto (the Pallas kernel on TPU / GPU, jax.lax.ragged_dot "
         "elsewhere), pallas (the platform's Pallas kernel; interpret mode on CPU, slow), reference (ragged_dot).",
@@ -230,6 +234,7 @@ class ServerArgs:
         self._check_choice("log_level", LOG_LEVEL_CHOICES)
         self._check_choice("schedule_policy", SCHEDULE_POLICY_CHOICES)
         self._check_choice("attention_backend", ATTENTION_BACKEND_CHOICES)
+        self._check_choice("dense_backend", DENSE_BACKENDS)
         self._check_choice("moe_backend", BACKEND_CHOICES)
         self._check_choice("sampling_defaults", SAMPLING_DEFAULTS_CHOICES)
         if self.grammar_backend in GRAMMAR_BACKENDS_LATER:

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 def server_info(engine: Engine, page_counts: dict[str, int] | None = None) -> dict[str, Any]:
     args = engine.server_args.to_dict()
     # The implementation that runs (after resolution and any fallback), not the flag echoed back.
-    args.update(attention_backend=engine.runner.attention.label, model_path=engine.model_path,
+    args.update(attention_backend=engine.runner.attention.label, dense_backend=engine.runner.dense_backend,
+                model_path=engine.model_path,
                 tokenizer_path=engine.tokenizer_path, max_running_requests=engine.max_running_requests,
                 chunked_prefill_size=engine.server_args.chunked_prefill_size or engine.chunked_prefill_size,
                 context_length=engine.context_length)

@@ -27,7 +27,7 @@ def test_defaults_follow_sglang(monkeypatch):
         "disable_radix_cache": False, "random_seed": None, "skip_server_warmup": False,
         "served_model_name": None, "weight_version": "default", "preferred_sampling_params": None,
         "stream_interval": 1, "stream_output": False, "skip_tokenizer_init": False, "api_key": None,
-        "allow_auto_truncate": False, "is_embedding": False, "attention_backend": "auto", "moe_backend": "auto",
+        "allow_auto_truncate": False, "is_embedding": False, "attention_backend": "auto", "dense_backend": "auto", "moe_backend": "auto",
         "load_format": "auto", "enable_metrics": False, "watchdog_timeout": 300, "tp_size": 1, "dp_size": 1,
         "ep_size": 1, "nnodes": 1, "node_rank": 0, "dist_init_addr": None, "trust_remote_code": False, "revision": None, "expert_distribution_recorder_mode": None,
         "expert_distribution_recorder_buffer_size": None, "enable_cache_report": False,

@@ -5,113 +5,31 @@ from `k` / `v`) and `ragged_paged_attention` that of the reference's (token-majo
 kernel reads each KV page once, in place, where XLA:CPU must gather pages into dense blocks and then
 runs its tiny per-head dots at a few GFLOP/s (numbers in docs/performance.md).
 
-Building: the C++ source is compiled with the system's C++ compiler (`$CXX`, else `c++` / `g++`) against
-the FFI headers jaxlib ships, with `-march=native`, into the user's cache directory
-(`$PALLAS_SERVE_CACHE`, else `$XDG_CACHE_HOME/pallas-serve`, else `~/.cache/pallas-serve`), under a name
-that hashes the source, the flags, jaxlib's version and this CPU, so an edit, an upgrade or another
-machine sharing the home directory gets its own build. `available()` says whether it builds and loads;
-when it does not (no compiler, not x86 / ARM Linux, ...), the dispatch falls back to the jnp reference
-with one warning giving the reason.
+Building: `kernels.native_build` compiles the C++ source on first use (with `-march=native`, into the
+user's cache directory). `available()` says whether it builds and loads; when it does not (no compiler,
+not x86 / ARM Linux, ...), the dispatch falls back to the jnp reference with one warning giving the reason.
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 
+from kernels import native_build
 from kernels.attention.cache_layout import token_layout, value_dtype, write_kv
 
 _SOURCE = Path(__file__).with_name("cpu_attention.cc")
 _TARGET = "pallas_serve_paged_attention_cpu"
-_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
-          "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC"]
 
 CACHE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-_log = logging.getLogger(__name__)
-_lock = threading.Lock()
-_state: dict[str, object] = {}
-
-
-def cache_dir() -> Path:
-    if os.environ.get("PALLAS_SERVE_CACHE"):
-        return Path(os.environ["PALLAS_SERVE_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "pallas-serve"
-
-
-def _cpu_signature() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    lines = [line for line in info.splitlines() if line.startswith(("model name", "flags", "Features"))]
-    return "\n".join(sorted(set(lines)))
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return name
-    return None
-
-
-def _build(compiler: str) -> Path:
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), jaxlib.__version__.encode(),
-                                     compiler.encode(), _cpu_signature().encode()])).hexdigest()[:16]
-    library = cache_dir() / "kernels" / f"cpu_attention-{key}.so"
-    if library.exists():
-        return library
-    try:
-        library.parent.mkdir(parents=True, exist_ok=True)
-    except OSError:  # a read-only home, say: build per user under the temp directory instead
-        library = Path(tempfile.gettempdir()) / f"pallas-serve-{os.getuid()}" / library.name
-        if library.exists():
-            return library
-        library.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
-        built = Path(tmp) / library.name
-        command = [compiler, *_FLAGS, "-I", jax.ffi.include_dir(), str(_SOURCE), "-o", str(built)]
-        _log.info("Building the native CPU attention kernel into %s (once per machine and version)", library)
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
-        os.replace(built, library)  # atomic: concurrent builders each install a complete file
-    return library
 
 
 def _load() -> str | None:
     """Build, load and register the kernel once per process; returns why it is unavailable, or None."""
-    with _lock:
-        if "error" in _state:
-            return _state["error"]  # type: ignore[return-value]
-        error = None
-        compiler = _compiler()
-        if platform.system() != "Linux" or platform.machine() not in ("x86_64", "aarch64"):
-            error = f"it is built for Linux on x86_64 / aarch64, not {platform.system()} {platform.machine()}"
-        elif compiler is None:
-            error = "no C++ compiler was found (set CXX, or install g++)"
-        else:
-            try:
-                library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
-                jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.PagedAttentionF32), platform="cpu")
-            except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as exc:
-                error = f"it did not build or load: {exc}"
-        _state["error"] = error
-        return error
+    return native_build.load(_SOURCE, {_TARGET: "PagedAttentionF32"})
 
 
 def unsupported_reason(*, page_size: int, dtype, platform: str) -> str | None:
@@ -134,7 +52,7 @@ LAYOUTS = {"token_major": 0, "head_major": 1, "head_major_kt": 2}
 def _call(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale, sliding_window,
           soft_cap, layout: str):
     if _load() is not None:
-        raise RuntimeError(f"the CPU attention kernel is unavailable: {_state['error']}")
+        raise RuntimeError(f"the CPU attention kernel is unavailable: {_load()}")
     cache_dtype = value_dtype(kv_pages.dtype)  # uint16 storage holds bfloat16
     if cache_dtype not in CACHE_DTYPES:
         raise ValueError(f"the CPU attention kernel takes a float32 or bfloat16 cache, got {kv_pages.dtype}")

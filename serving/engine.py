@@ -67,7 +67,8 @@ class Engine(PythonAPI):
         self.max_running_requests = self.runtime.max_running_requests
         self.chunked_prefill_size = self.runtime.chunked_prefill_size
         self.max_step_tokens = self.runtime.max_step_tokens
-        self.runner = ModelRunner(self.model_dir, self.runtime)
+        executables = None if args.disable_compilation_cache else Path(args.compilation_cache_dir) / "executables"
+        self.runner = ModelRunner(self.model_dir, self.runtime, executable_cache_dir=executables)
         self.config = self.runner.config
         self.context_length = self.runner.context_length
         self.max_total_num_tokens = self.runner.kv_spec.max_total_tokens

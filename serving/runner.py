@@ -33,6 +33,7 @@ from model.interface import PER_TOKEN_AUX, AttentionMetadata, StepInputs
 from model.layers import rope_inverse_frequencies, rope_tables
 from model.registry import model_class_for
 from serving.config import RuntimeConfig
+from serving.executable_cache import ExecutableCache, PreparedFunction
 from serving.expert_stats import aux_outputs_for
 from serving.kv_cache import KVCacheSpec, allocate_kv_pages, params_bytes, plan_kv_cache
 from serving.logprobs import LogprobBatch, step_logprobs
@@ -108,7 +109,7 @@ def _encode_step(bound, treedef, backend, method, normalize, param_leaves, batch
 
 
 class ModelRunner:
-    def __init__(self, model_dir: Path, config: RuntimeConfig):
+    def __init__(self, model_dir: Path, config: RuntimeConfig, executable_cache_dir: Path | None = None):
         self.model_dir = Path(model_dir)
         self.runtime = config
         self.config = ModelConfig.from_dir(self.model_dir)
@@ -158,18 +159,25 @@ class ModelRunner:
         static = (self._bound, self._param_treedef, self.attention)
         # The CPU path's step only reads the cache (nothing to donate); the Pallas kernels update it in place.
         donate = () if self.attention.head_major else (1,)
-        self._step = jax.jit(partial(_keep_aux, partial(_sample_step, *static), self.aux_names),
-                             donate_argnums=donate)
+        # The bucketed jits `precompile` prepares: executables loaded from `executable_cache_dir` when a
+        # previous start with the same code and configuration saved them (serving/executable_cache.py).
+        executables = ExecutableCache(executable_cache_dir, f"{self.config!r}\n{config!r}\n"
+                                      f"{jnp.dtype(self.dtype).name}\n{self.aux_names}")
+        self._executables = executables
+        self._step = PreparedFunction("step", jax.jit(
+            partial(_keep_aux, partial(_sample_step, *static), self.aux_names), donate_argnums=donate),
+            executables, skip=1)
         # Only for steps where a request asks for penalties or logprobs, each on the step's device outputs.
         # Separate small jits so a new width of an id list compiles in a fraction of a second: the
         # penalties (per width), the sampler (once per sequence bucket), the logprobs (per width).
         self._penalise = jax.jit(apply_penalties)
-        self._resample = jax.jit(sample)
+        self._resample = PreparedFunction("resample", jax.jit(sample), executables)
         self._logprobs = jax.jit(partial(_logprob_step, self._bound, self._param_treedef),
                                  static_argnames=("num_top",))
         self._pool_steps: dict[tuple[str, bool], object] = {}
         self._pool_static = static
-        self._write_kv = jax.jit(self.attention.write_layers, donate_argnums=(0,))
+        self._write_kv = PreparedFunction("write_kv", jax.jit(self.attention.write_layers, donate_argnums=(0,)),
+                                          executables)
         logger.info(
             "Model %s loaded: %s, %.1f MB of weights; KV cache %d pages x %d tokens, %s (%.1f MB); attention: %s",
             self.config.architecture, jnp.dtype(self.dtype).name, self.weight_bytes / 1e6,
@@ -337,25 +345,32 @@ class ModelRunner:
         return result
 
     def precompile(self, progress: bool = True, token_bitmask_width: int | None = None) -> float:
-        """Compile (and run once, on an all-padding batch that writes nothing) every bucket of the model's
-        step: the sampling step and the resampler a penalised or constrained step runs after it (with
-        `token_bitmask_width`, a grammar backend is on, also its masked variant), or for a pooled model
-        the pooling step with its own method."""
+        """Prepare every bucket of the model's step: the sampling step, its KV write (CPU path) and the
+        resampler a penalised or constrained step runs after it (with `token_bitmask_width`, a grammar
+        backend is on, also its masked variant), or for a pooled model the pooling step with its own
+        method. Executables a previous start saved are loaded (serving/executable_cache.py); a bucket that
+        had to be compiled is also run once, on an all-padding batch that writes nothing."""
         start = time.perf_counter()
         empty = HostBatch(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32), [],
                           np.zeros(0, np.int32), {})
         for tokens, seqs in tqdm(self.buckets(), desc="Compiling step buckets", disable=not progress):
+            batch = self._pad(empty, tokens, seqs)
             if self.pooling is not None:
-                jax.block_until_ready(self._run_pooled(self._pad(empty, tokens, seqs), 0, empty.q_lens,
-                                                       *self.pooling))
-            else:
-                batch = self._pad(empty, tokens, seqs)
+                jax.block_until_ready(self._run_pooled(batch, 0, empty.q_lens, *self.pooling))
+                continue
+            misses = self._executables.misses
+            (_, raw_logits, _), kv, _ = self._step.prepare(self._param_leaves, self.kv_pages, batch).out_info
+            if self.attention.head_major:
+                self._write_kv.prepare(self.kv_pages, kv)
+            variants = [None] if token_bitmask_width is None else [None, jax.ShapeDtypeStruct(
+                (raw_logits.shape[0], token_bitmask_width), jnp.int32)]
+            for bitmask in variants:
+                self._resample.prepare(raw_logits, batch.sampling, bitmask)
+            if self._executables.misses > misses:
                 _, raw_logits, _ = jax.block_until_ready(self._run(self._step, batch, 0))
-                # The resampler a penalised or constrained step runs after it: one shape per sequence bucket.
                 jax.block_until_ready(self._resample(raw_logits, batch.sampling, None))
-                if token_bitmask_width is not None:
-                    allow_all = np.full((len(raw_logits), token_bitmask_width), -1, np.int32)
-                    jax.block_until_ready(self._resample(raw_logits, batch.sampling, allow_all))
+        logger.info("Step executables: %d loaded from the cache, %d compiled", self._executables.hits,
+                    self._executables.misses)
         return time.perf_counter() - start
 
     def reset_kv_cache(self) -> None:

@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Everything a step's lowering can read: the model, the kernels (and their native sources), the serving code.
 SOURCE_DIRS = ("model", "kernels", "serving", "checkpoints")
 SOURCE_SUFFIXES = (".py", ".cc", ".h")
+_OWN_JAX_CACHE_KEY = {"xla_embed_ir_in_executable": False}  # XLA's default: changes the key, not the code
 
 
 @functools.cache
@@ -95,27 +96,46 @@ class ExecutableCache:
         path = self.path_for(name, args)
         if path is not None and path.exists():
             try:
-                payload, in_tree, out_tree = pickle.loads(path.read_bytes())
-                compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+                compiled = _deserialize(path.read_bytes())
                 self.hits += 1
                 return compiled
             except Exception as exc:  # any unreadable entry is recompiled and replaced below
                 logger.warning("recompiling %s: its cached executable %s did not load (%s)", name, path.name, exc)
-        compiled = jitted.lower(*args).compile()
         self.misses += 1
-        if path is not None:
-            self._store(path, compiled)
-        return compiled
-
-    def _store(self, path: Path, compiled: jax.stages.Compiled) -> None:
+        if path is None:
+            return jitted.lower(*args).compile()
+        # XLA:CPU executables loaded from JAX's persistent compilation cache do not survive being serialized
+        # again, nor sharing a process with ones compiled or deserialized here ("Function ... not found" when
+        # run). So these compiles never touch that cache: a compiler option at XLA's default value gives them
+        # keys of their own there, and nothing is written under those keys (minimum compile time: never).
+        minimum = jax.config.jax_persistent_cache_min_compile_time_secs
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
+        try:
+            compiled = jitted.lower(*args).compile(compiler_options=_OWN_JAX_CACHE_KEY)
+        finally:
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", minimum)
         try:
             blob = pickle.dumps(serialize_executable.serialize(compiled))
+        except (ValueError, NotImplementedError) as exc:  # a step that cannot be serialized runs as compiled
+            logger.warning("not caching %s: %s", name, exc)
+            return compiled
+        self._store(path, blob)
+        return compiled
+
+    @staticmethod
+    def _store(path: Path, blob: bytes) -> None:
+        try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
                 tmp.write(blob)
             os.replace(tmp.name, path)  # atomic: two servers starting at once each write a whole file
-        except (OSError, ValueError, NotImplementedError) as exc:  # a read-only cache, an unserializable step
+        except OSError as exc:  # a read-only cache directory: this start still runs
             logger.warning("not caching %s: %s", path.name, exc)
+
+
+def _deserialize(blob: bytes) -> jax.stages.Compiled:
+    payload, in_tree, out_tree = pickle.loads(blob)
+    return serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
 
 
 class PreparedFunction:

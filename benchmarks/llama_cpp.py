@@ -12,6 +12,7 @@ very float32 weights pallas-serve serves, so both engines run identical weights.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import shutil
@@ -123,7 +124,7 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float = 600.0) -> N
             with urllib.request.urlopen(url + "/health", timeout=10) as reply:
                 if reply.status == 200:
                     return
-        except OSError:
+        except (OSError, http.client.HTTPException):
             pass
         time.sleep(0.2)
     raise TimeoutError(f"llama-server not ready after {timeout:.0f} s")

@@ -10,6 +10,8 @@ spawn to the first 200 from /health_generate (a real one-token generation), then
 from __future__ import annotations
 
 import argparse
+import http.client
+import resource
 import statistics
 import subprocess
 import sys
@@ -24,9 +26,11 @@ from serving.utils import reserve_port, terminate_process  # noqa: E402
 
 
 def time_to_ready(server_args: str = "", timeout: float = 600.0, log: bool = False) -> float:
-    """Seconds from spawning `python -m serving.main` to the first 200 from /health_generate."""
+    """Seconds from spawning `python -m serving.main` to the first 200 from /health_generate (with `log`,
+    also the server's CPU seconds, start to stop: on a shared machine wall time also counts waiting)."""
+    # The reservation stays bound until the end: while the server is not listening yet, a poll could
+    # otherwise get that port as its own source port and talk to itself.
     port, lock = reserve_port("127.0.0.1")
-    lock.close()
     command = [sys.executable, "-m", "serving.main", "--host", "127.0.0.1", "--port", str(port),
                "--log-level", "info" if log else "warning", *server_args.split()]
     start = time.perf_counter()
@@ -42,13 +46,17 @@ def time_to_ready(server_args: str = "", timeout: float = 600.0, log: bool = Fal
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health_generate", timeout=60) as reply:
                     if reply.status == 200:
                         return time.perf_counter() - start
-            except OSError:
+            except (OSError, http.client.HTTPException):
                 pass
             time.sleep(0.05)
     finally:
         terminate_process(process)
+        lock.close()
         if log and process.stdout is not None:
-            print(process.stdout.read(), file=sys.stderr)
+            cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+            spawned = time.strftime("%H:%M:%S", time.localtime(time.time() - (time.perf_counter() - start)))
+            print(f"spawned at {spawned}; CPU seconds of the servers run so far: user {cpu.ru_utime:.1f}, "
+                  f"system {cpu.ru_stime:.1f}\n{process.stdout.read()}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:

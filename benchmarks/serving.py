@@ -135,7 +135,7 @@ def run_llama(build_dir: Path, model_dir: Path, dtype: str, max_c: int, context:
     gguf = llama_cpp.write_gguf(build_dir, model_dir, dtype)
     threads = os.cpu_count() or 1
     port, lock = reserve_port("127.0.0.1")
-    lock.close()
+    lock.close()  # llama-server may not bind a port another socket holds, even with SO_REUSEADDR
     process = llama_cpp.launch_server(build_dir, gguf, port, max_c, context, threads)
     try:
         llama_cpp.wait_ready(f"http://127.0.0.1:{port}", process)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -150,7 +151,11 @@ class ModelRunner:
         )
         self.page_size = config.page_size
         self.pages_per_seq = -(-self.context_length // config.page_size)
-        self.kv_pages = allocate_kv_pages(self.kv_spec)
+        # XLA writes the cache's zeros on the calling thread (~3 s for the default model's 5.8 GB here): on a
+        # thread of its own they overlap the rest of start-up; the first use of `kv_pages` waits for them.
+        pool = ThreadPoolExecutor(1, thread_name_prefix="kv-alloc")
+        self._kv_pending: Future | None = pool.submit(allocate_kv_pages, self.kv_spec)
+        pool.shutdown(wait=False)
         self.last_aux: dict[str, np.ndarray] = {}  # the last step's auxiliary outputs (model.interface)
         self.last_logprobs: dict | None = None  # the last step's logprob numbers, when it computed any
         # The aux outputs the step returns (the expert recorder's), and who gets them after each `run`.
@@ -184,6 +189,16 @@ class ModelRunner:
             self.kv_spec.num_pages, config.page_size, jnp.dtype(self.kv_dtype).name,
             self.kv_spec.total_bytes / 1e6, self.attention.name,
         )
+
+    @property
+    def kv_pages(self) -> jax.Array:
+        if self._kv_pending is not None:
+            self._kv_pages, self._kv_pending = self._kv_pending.result(), None
+        return self._kv_pages
+
+    @kv_pages.setter
+    def kv_pages(self, value: jax.Array) -> None:
+        self._kv_pending, self._kv_pages = None, value
 
     def _abstract_model(self, config: ModelConfig):
         cls = model_class_for(config, self.runtime.is_embedding)
@@ -359,9 +374,11 @@ class ModelRunner:
                 jax.block_until_ready(self._run_pooled(batch, 0, empty.q_lens, *self.pooling))
                 continue
             misses = self._executables.misses
-            (_, raw_logits, _), kv, _ = self._step.prepare(self._param_leaves, self.kv_pages, batch).out_info
+            # The cache by its shape: its zeros may still be being written (`__init__`).
+            cache = jax.ShapeDtypeStruct(self.kv_spec.shape, self.kv_spec.dtype)
+            (_, raw_logits, _), kv, _ = self._step.prepare(self._param_leaves, cache, batch).out_info
             if self.attention.head_major:
-                self._write_kv.prepare(self.kv_pages, kv)
+                self._write_kv.prepare(cache, kv)
             variants = [None] if token_bitmask_width is None else [None, jax.ShapeDtypeStruct(
                 (raw_logits.shape[0], token_bitmask_width), jnp.int32)]
             for bitmask in variants:

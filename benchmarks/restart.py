@@ -33,6 +33,7 @@ def time_to_ready(server_args: str = "", timeout: float = 600.0, log: bool = Fal
     port, lock = reserve_port("127.0.0.1")
     command = [sys.executable, "-m", "serving.main", "--host", "127.0.0.1", "--port", str(port),
                "--log-level", "info" if log else "warning", *server_args.split()]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE if log else subprocess.DEVNULL,
                                stderr=subprocess.STDOUT, text=True)
@@ -55,8 +56,9 @@ def time_to_ready(server_args: str = "", timeout: float = 600.0, log: bool = Fal
         if log and process.stdout is not None:
             cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
             spawned = time.strftime("%H:%M:%S", time.localtime(time.time() - (time.perf_counter() - start)))
-            print(f"spawned at {spawned}; CPU seconds of the servers run so far: user {cpu.ru_utime:.1f}, "
-                  f"system {cpu.ru_stime:.1f}\n{process.stdout.read()}", file=sys.stderr)
+            print(f"spawned at {spawned}; the server's CPU seconds, start to stop: user "
+                  f"{cpu.ru_utime - before.ru_utime:.1f}, system {cpu.ru_stime - before.ru_stime:.1f}\n"
+                  f"{process.stdout.read()}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:

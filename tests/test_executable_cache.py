@@ -42,20 +42,21 @@ def test_second_start_loads_and_computes_what_the_jit_does(checkpoints):
     executables = root / "executables"
     cold = _runner(first, executables)
     cold.precompile(progress=False)
-    assert cold._executables.hits == 0 and cold._executables.misses > 0
+    assert cold._executables.misses > 0  # (buckets that share a resampler shape hit the first one's file)
     saved = sorted(executables.iterdir())
     assert saved
     # A fresh random checkpoint of the same shapes: every executable comes from disk, none is compiled,
     # and the tokens are the jit's on the new weights (weights are arguments, never baked in).
     warm = _runner(second, executables)
     warm.precompile(progress=False)
-    assert warm._executables.misses == 0 and warm._executables.hits == cold._executables.misses
+    assert warm._executables.misses == 0
+    assert warm._executables.hits == cold._executables.hits + cold._executables.misses
     assert sorted(executables.iterdir()) == saved
     np.testing.assert_array_equal(_tokens(warm), _tokens(_runner(second)))
     # Other shapes (a wider MLP) miss and are compiled afresh; nothing saved before is loaded for them.
     other = _runner(wider, executables)
     other.precompile(progress=False)
-    assert other._executables.hits == 0
+    assert other._executables.misses == cold._executables.misses
 
 
 def test_source_digest_follows_the_sources(tmp_path):

@@ -200,6 +200,10 @@ class ModelRunner:
     def kv_pages(self, value: jax.Array) -> None:
         self._kv_pending, self._kv_pages = None, value
 
+    def wait_for_kv_cache(self) -> None:
+        """Until the cache's zeros are written (an allocation failure raises here)."""
+        jax.block_until_ready(self.kv_pages)
+
     def _abstract_model(self, config: ModelConfig):
         cls = model_class_for(config, self.runtime.is_embedding)
         options = {"moe_backend": self.runtime.moe_backend} if getattr(cls, "takes_moe_backend", False) else {}

@@ -157,7 +157,12 @@ class PreparedFunction:
 
     def __call__(self, *args: Any) -> Any:
         executable = self._executables.get(shape_key(args[self._skip:]))
-        return (executable or self.jitted)(*args)
+        if executable is not None:
+            try:
+                return executable(*args)
+            except TypeError:  # same shapes, other dtypes or weak types: refused before it ran; the jit takes it
+                pass
+        return self.jitted(*args)
 
     def lower(self, *args: Any) -> Any:
         return self.jitted.lower(*args)

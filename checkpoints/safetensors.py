@@ -21,7 +21,7 @@ import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from checkpoints.name_maps import WeightNameMap, weight_name_map_for
 

@@ -67,7 +67,8 @@ class Engine(PythonAPI):
         self.max_running_requests = self.runtime.max_running_requests
         self.chunked_prefill_size = self.runtime.chunked_prefill_size
         self.max_step_tokens = self.runtime.max_step_tokens
-        self.runner = ModelRunner(self.model_dir, self.runtime)
+        executables = None if args.disable_compilation_cache else Path(args.compilation_cache_dir) / "executables"
+        self.runner = ModelRunner(self.model_dir, self.runtime, executable_cache_dir=executables)
         self.config = self.runner.config
         self.context_length = self.runner.context_length
         self.max_total_num_tokens = self.runner.kv_spec.max_total_tokens
@@ -92,6 +93,8 @@ class Engine(PythonAPI):
         if args.precompile:
             seconds = self.runner.precompile(token_bitmask_width=self.grammars.mask_width)
             logger.info("Compiled %d step buckets in %.1f s", len(self.runner.buckets()), seconds)
+        # The KV cache's zeros, written on a thread meanwhile (runner): ready (or failed) before the server is.
+        self.runner.wait_for_kv_cache()
         self.expert_recorder = self._expert_recorder(args)
         self.scheduler = Scheduler(self.runner, self.prefix_cache, self.runtime)
         self.metrics, self.finish_observers = finish_observers(args, self.served_model_name, self.max_total_num_tokens)

@@ -13,105 +13,50 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from checkpoints.load import load_checkpoint
 from checkpoints.name_maps import weight_name_map_for
-from kernels.attention import AttentionBackend, resolve_attention_backend
+from kernels.attention import resolve_attention_backend
 from kernels.dense import in_dense_scope, resolve_dense_backend
 from model.config import ModelConfig
-from model.decoder import BoundParams, arrange_params
+from model.decoder import arrange_params
 from model.decoder_pooling import pooling_for
 from model.interface import PER_TOKEN_AUX, AttentionMetadata, StepInputs
 from model.layers import rope_inverse_frequencies, rope_tables
 from model.registry import model_class_for
 from serving.config import RuntimeConfig
+from serving.executable_cache import ExecutableCache, PreparedFunction
 from serving.expert_stats import aux_outputs_for
 from serving.kv_cache import KVCacheSpec, allocate_kv_pages, params_bytes, plan_kv_cache
-from serving.logprobs import LogprobBatch, step_logprobs
+from serving.logprobs import LogprobBatch
 from serving.mesh import device_memory, plan_placement
 from serving.penalties import PenaltyBatch, apply_penalties
 from serving.sampler import SamplingBatch, sample
+from serving.steps import (
+    HostBatch,
+    StepBatch,
+    _encode_step,
+    _keep_aux,
+    _logprob_step,
+    _pool_step,
+    _sample_step,
+    next_pow2,
+)
 
 logger = logging.getLogger(__name__)
 
 
-def next_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
-class StepBatch(NamedTuple):
-    inputs: StepInputs
-    logits_indices: jax.Array  # int32[S]: the last new token of each sequence
-    sampling: SamplingBatch
-
-
-@dataclass
-class HostBatch:
-    """What the scheduler fills for one step (unpadded); the runner pads it to a bucket."""
-
-    input_ids: np.ndarray  # int32[num_tokens]
-    positions: np.ndarray  # int32[num_tokens]
-    kv_lens: np.ndarray  # int32[num_seqs]
-    page_indices: list[list[int]]  # per sequence
-    q_lens: np.ndarray  # int32[num_seqs]
-    sampling: dict[str, np.ndarray]  # SamplingBatch fields, [num_seqs]
-    penalties: dict[str, np.ndarray] | None = None  # PenaltyBatch fields (serving.penalties)
-    logprobs: dict[str, np.ndarray] | None = None  # LogprobBatch fields (serving.logprobs)
-    num_top: int = 0  # top logprobs per position (a static width of the logprob step)
-    token_bitmask: np.ndarray | None = None  # int32[num_seqs, words] when a sequence is constrained
-
-
-def _forward(bound: BoundParams, treedef, backend: AttentionBackend, param_leaves, kv_pages, inputs: StepInputs):
-    model, layers = bound.bind(jax.tree.unflatten(treedef, param_leaves))
-    return model, model.forward(inputs, kv_pages, backend, layers)
-
-
-def _sample_step(bound, treedef, backend, param_leaves, kv_pages, batch: StepBatch):
-    """The sampled tokens, plus the raw logits of the sampled rows and the final hidden states: both are
-    computed anyway, and returning them (they stay on device) lets `run` penalise, resample and take
-    logprobs in small jits, without a second compiled variant of the whole model per shape."""
-    model, out = _forward(bound, treedef, backend, param_leaves, kv_pages, batch.inputs)
-    raw_logits = model.logits(out.hidden[batch.logits_indices])
-    return (sample(raw_logits, batch.sampling), raw_logits, out.hidden), out.kv, out.aux
-
-
-def _logprob_step(bound, treedef, param_leaves, raw_logits, hidden, tokens, logprobs: LogprobBatch, num_top: int):
-    """The logprob numbers of a step where some request asked (serving.logprobs); small (no layers)."""
-    model, _ = bound.bind(jax.tree.unflatten(treedef, param_leaves))
-    return step_logprobs(model, hidden, raw_logits, tokens, logprobs, num_top)
-
-
-def _keep_aux(step, names, *args):
-    """`step` returning only the aux outputs in `names`: XLA drops the rest, so they cost nothing."""
-    result, kv, aux = step(*args)
-    return result, kv, {name: aux[name] for name in names if name in aux}
-
-
-def _pool_step(bound, treedef, backend, method, normalize, param_leaves, kv_pages, batch: StepBatch):
-    model, out = _forward(bound, treedef, backend, param_leaves, kv_pages, batch.inputs)
-    return model.pool(out.hidden, batch.inputs, method=method, normalize=normalize), out.kv, out.aux
-
-
-def _encode_step(bound, treedef, backend, method, normalize, param_leaves, batch: StepBatch, segment_ids):
-    """An encoder's step: whole sequences, bidirectional within each, no cache read or written."""
-    model, layers = bound.bind(jax.tree.unflatten(treedef, param_leaves))
-    inputs = batch.inputs
-    hidden = model.encode(inputs.input_ids, inputs.positions, segment_ids, backend, layers)
-    return model.pool(hidden, inputs, method=method, normalize=normalize)
-
-
 class ModelRunner:
-    def __init__(self, model_dir: Path, config: RuntimeConfig):
+    def __init__(self, model_dir: Path, config: RuntimeConfig, executable_cache_dir: Path | None = None):
         self.model_dir = Path(model_dir)
         self.runtime = config
         self.config = ModelConfig.from_dir(self.model_dir)
@@ -166,7 +111,11 @@ class ModelRunner:
         self.page_size = config.page_size
         self.pages_per_seq = -(-self.context_length // config.page_size)
         self._kv_sharding = self.placement.kv_cache_sharding(self.kv_spec.head_major)
-        self.kv_pages = allocate_kv_pages(self.kv_spec, self._kv_sharding)
+        # XLA writes the cache's zeros on the calling thread (~3 s for the default model's 5.8 GB here): on a
+        # thread of its own they overlap the rest of start-up; the first use of `kv_pages` waits for them.
+        pool = ThreadPoolExecutor(1, thread_name_prefix="kv-alloc")
+        self._kv_pending: Future | None = pool.submit(allocate_kv_pages, self.kv_spec, self._kv_sharding)
+        pool.shutdown(wait=False)
         self.last_aux: dict[str, np.ndarray] = {}  # the last step's auxiliary outputs (model.interface)
         self.last_logprobs: dict | None = None  # the last step's logprob numbers, when it computed any
         # The aux outputs the step returns (the expert recorder's), and who gets them after each `run`.
@@ -175,18 +124,25 @@ class ModelRunner:
         static = (self._bound, self._param_treedef, self.attention)
         # The CPU path's step only reads the cache (nothing to donate); the Pallas kernels update it in place.
         donate = () if self.attention.head_major else (1,)
-        self._step = self._jit(partial(_keep_aux, partial(_sample_step, *static), self.aux_names),
-                               donate_argnums=donate)
+        # The bucketed jits `precompile` prepares: executables loaded from `executable_cache_dir` when a
+        # previous start with the same code and configuration saved them (serving/executable_cache.py).
+        executables = ExecutableCache(executable_cache_dir, f"{self.config!r}\n{config!r}\n"
+                                      f"{jnp.dtype(self.dtype).name}\n{self.aux_names}\n{self.dense_backend}")
+        self._executables = executables
+        self._step = PreparedFunction("step", self._jit(
+            partial(_keep_aux, partial(_sample_step, *static), self.aux_names), donate_argnums=donate),
+            executables, skip=1)
         # Only for steps where a request asks for penalties or logprobs, each on the step's device outputs.
         # Separate small jits so a new width of an id list compiles in a fraction of a second: the
         # penalties (per width), the sampler (once per sequence bucket), the logprobs (per width).
         self._penalise = jax.jit(apply_penalties)
-        self._resample = jax.jit(sample)
+        self._resample = PreparedFunction("resample", jax.jit(sample), executables)
         self._logprobs = self._jit(partial(_logprob_step, self._bound, self._param_treedef),
                                    static_argnames=("num_top",))
         self._pool_steps: dict[tuple[str, bool], object] = {}
         self._pool_static = static
-        self._write_kv = jax.jit(self.attention.write_layers, donate_argnums=(0,))
+        self._write_kv = PreparedFunction("write_kv", jax.jit(self.attention.write_layers, donate_argnums=(0,)),
+                                          executables)
         logger.info(
             "Model %s loaded: %s, %.1f MB of weights; KV cache %d pages x %d tokens, %s (%.1f MB); attention: %s; "
             "dense: %s", self.config.architecture, jnp.dtype(self.dtype).name, self.weight_bytes / 1e6,
@@ -197,6 +153,20 @@ class ModelRunner:
     def _jit(self, fn, **options):
         """`jax.jit` of a function that runs the model: its products trace on the resolved dense backend."""
         return jax.jit(partial(in_dense_scope, self.dense_backend, fn), **options)
+
+    @property
+    def kv_pages(self) -> jax.Array:
+        if self._kv_pending is not None:
+            self._kv_pages, self._kv_pending = self._kv_pending.result(), None
+        return self._kv_pages
+
+    @kv_pages.setter
+    def kv_pages(self, value: jax.Array) -> None:
+        self._kv_pending, self._kv_pages = None, value
+
+    def wait_for_kv_cache(self) -> None:
+        """Until the cache's zeros are written (an allocation failure raises here)."""
+        jax.block_until_ready(self.kv_pages)
 
     def _abstract_model(self, config: ModelConfig):
         cls = model_class_for(config, self.runtime.is_embedding)
@@ -371,25 +341,34 @@ class ModelRunner:
         return result
 
     def precompile(self, progress: bool = True, token_bitmask_width: int | None = None) -> float:
-        """Compile (and run once, on an all-padding batch that writes nothing) every bucket of the model's
-        step: the sampling step and the resampler a penalised or constrained step runs after it (with
-        `token_bitmask_width`, a grammar backend is on, also its masked variant), or for a pooled model
-        the pooling step with its own method."""
+        """Prepare every bucket of the model's step: the sampling step, its KV write (CPU path) and the
+        resampler a penalised or constrained step runs after it (with `token_bitmask_width`, a grammar
+        backend is on, also its masked variant), or for a pooled model the pooling step with its own
+        method. Executables a previous start saved are loaded (serving/executable_cache.py); a bucket that
+        had to be compiled is also run once, on an all-padding batch that writes nothing."""
         start = time.perf_counter()
         empty = HostBatch(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32), [],
                           np.zeros(0, np.int32), {})
         for tokens, seqs in tqdm(self.buckets(), desc="Compiling step buckets", disable=not progress):
+            batch = self._pad(empty, tokens, seqs)
             if self.pooling is not None:
-                jax.block_until_ready(self._run_pooled(self._pad(empty, tokens, seqs), 0, empty.q_lens,
-                                                       *self.pooling))
-            else:
-                batch = self._pad(empty, tokens, seqs)
+                jax.block_until_ready(self._run_pooled(batch, 0, empty.q_lens, *self.pooling))
+                continue
+            misses = self._executables.misses
+            # The cache by its shape: its zeros may still be being written (`__init__`).
+            cache = jax.ShapeDtypeStruct(self.kv_spec.shape, self.kv_spec.dtype, sharding=self._kv_sharding)
+            (_, raw_logits, _), kv, _ = self._step.prepare(self._param_leaves, cache, batch).out_info
+            if self.attention.head_major:
+                self._write_kv.prepare(cache, kv)
+            variants = [None] if token_bitmask_width is None else [None, jax.ShapeDtypeStruct(
+                (raw_logits.shape[0], token_bitmask_width), jnp.int32)]
+            for bitmask in variants:
+                self._resample.prepare(raw_logits, batch.sampling, bitmask)
+            if self._executables.misses > misses:
                 _, raw_logits, _ = jax.block_until_ready(self._run(self._step, batch, 0))
-                # The resampler a penalised or constrained step runs after it: one shape per sequence bucket.
                 jax.block_until_ready(self._resample(raw_logits, batch.sampling, None))
-                if token_bitmask_width is not None:
-                    allow_all = np.full((len(raw_logits), token_bitmask_width), -1, np.int32)
-                    jax.block_until_ready(self._resample(raw_logits, batch.sampling, allow_all))
+        logger.info("Step executables: %d loaded from the cache, %d compiled", self._executables.hits,
+                    self._executables.misses)
         return time.perf_counter() - start
 
     def reset_kv_cache(self) -> None:

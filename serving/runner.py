@@ -126,6 +126,9 @@ class ModelRunner:
         donate = () if self.attention.head_major else (1,)
         # The bucketed jits `precompile` prepares: executables loaded from `executable_cache_dir` when a
         # previous start with the same code and configuration saved them (serving/executable_cache.py).
+        # Only for a model on one device: executables prepared from shapes alone carry no mesh shardings.
+        if self.placement.mesh is not None:
+            executable_cache_dir = None
         executables = ExecutableCache(executable_cache_dir, f"{self.config!r}\n{config!r}\n"
                                       f"{jnp.dtype(self.dtype).name}\n{self.aux_names}\n{self.dense_backend}")
         self._executables = executables
@@ -351,6 +354,9 @@ class ModelRunner:
                           np.zeros(0, np.int32), {})
         for tokens, seqs in tqdm(self.buckets(), desc="Compiling step buckets", disable=not progress):
             batch = self._pad(empty, tokens, seqs)
+            if self.pooling is None and self._executables.directory is None:
+                self._warm_jits(batch, token_bitmask_width)
+                continue
             if self.pooling is not None:
                 jax.block_until_ready(self._run_pooled(batch, 0, empty.q_lens, *self.pooling))
                 continue
@@ -370,6 +376,13 @@ class ModelRunner:
         logger.info("Step executables: %d loaded from the cache, %d compiled", self._executables.hits,
                     self._executables.misses)
         return time.perf_counter() - start
+
+    def _warm_jits(self, batch: StepBatch, token_bitmask_width: int | None) -> None:
+        """Without the executable cache: run the step's jits once on `batch` (all padding) to compile them."""
+        _, raw_logits, _ = jax.block_until_ready(self._run(self._step, batch, 0))
+        for bitmask in (None,) if token_bitmask_width is None else (None, token_bitmask_width):
+            allow_all = None if bitmask is None else np.full((len(raw_logits), bitmask), -1, np.int32)
+            jax.block_until_ready(self._resample(raw_logits, batch.sampling, allow_all))
 
     def reset_kv_cache(self) -> None:
         self.kv_pages = allocate_kv_pages(self.kv_spec, self._kv_sharding)

@@ -122,6 +122,14 @@ def assert_constrained_greedy(hf, compiler, sampling: SamplingParams, prompt: li
         matcher.advance(token)
 
 
+def assert_allowed_prefix(compiler, sampling: SamplingParams, ours: list[int]) -> None:
+    """Every token of a cut-short output was allowed by the grammar at its position."""
+    matcher = compiler.matcher(sampling)
+    for i, token in enumerate(ours):
+        assert allowed_tokens(token_bitmask([matcher])[0])[token], f"token {i} ({token}) is outside the grammar"
+        matcher.advance(token)
+
+
 # -- the mask on device ------------------------------------------------------------------------------
 def test_token_bitmask_on_device_matches_numpy():
     rng = np.random.default_rng(replayable_seed("GRAMMAR_MASK_SEED"))
@@ -188,12 +196,20 @@ def test_random_json_schemas_validate(server, hf, compiler, temperature):
     params = [{"json_schema": json.dumps(s), "max_new_tokens": MAX_NEW, "temperature": temperature,
                "sampling_seed": seed + i} for i, s in enumerate(schemas)]
     outs = generate(server, {"input_ids": prompts, "sampling_params": params})
+    finished = 0
     for schema, prompt, param, out in zip(schemas, prompts, params, outs, strict=True):
-        jsonschema.validate(json.loads(out["text"]), schema)
-        ends_by_grammar_or_eos(out)
+        if out["meta_info"]["finish_reason"]["type"] == "length":
+            # A random model can spend its tokens inside the JSON (whitespace, a long string): the text is
+            # cut short, so only check that every token was one the grammar allowed.
+            assert_allowed_prefix(compiler, SamplingParams(json_schema=param["json_schema"]), out["output_ids"])
+        else:
+            jsonschema.validate(json.loads(out["text"]), schema)
+            ends_by_grammar_or_eos(out)
+            finished += 1
         if temperature == 0.0:
             assert_constrained_greedy(hf, compiler, SamplingParams(json_schema=param["json_schema"]), prompt,
                                       out["output_ids"])
+    assert finished >= len(outs) // 2, f"only {finished} of {len(outs)} outputs completed their JSON"
     assert sum(out["meta_info"]["total_retractions"] for out in outs) > 0, "the cache never ran out"
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -23,6 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.gpu_check import median_seconds  # noqa: E402
 from kernels.dense import cpu, reference  # noqa: E402
 
 SHAPES = {"qkv": (576, 960, False), "gate_up": (576, 3072, False), "down": (1536, 576, False),
@@ -30,13 +30,7 @@ SHAPES = {"qkv": (576, 960, False), "gate_up": (576, 3072, False), "down": (1536
 
 
 def median_ms(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1e3
+    return median_seconds(fn, *args, repeats=repeats, warmup=1) * 1e3
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from checkpoints.resolve import resolve_model_dir
 from serving import expert_stats
 from serving.config import enable_compilation_cache, resolve_runtime_config
 from serving.faults import health_problem
-from serving.grammar import grammar_key, make_grammars
+from serving.grammar import JsonWhitespace, grammar_key, make_grammars
 from serving.logprobs import new_logprob_record
 from serving.memory import MemoryControl
 from serving.observers import finish_observers, internal_requests, observed_emit
@@ -77,7 +77,9 @@ class Engine(PythonAPI):
         self.tokenizer = None if args.skip_tokenizer_init else Tokenizer(tokenizer_dir)
         self.vocab_size = self.config.vocab_size
         self.eos_token_ids = self._eos_ids()
-        self.grammars = make_grammars(args.grammar_backend, tokenizer_dir, self.vocab_size, self.eos_token_ids)
+        self.grammars = make_grammars(args.grammar_backend, tokenizer_dir, self.vocab_size, self.eos_token_ids,
+                                      JsonWhitespace(args.constrained_json_whitespace_pattern,
+                                                     not args.constrained_json_disable_any_whitespace))
         self.weight_version = args.weight_version
         self.preferred_sampling_params = (
             json.loads(args.preferred_sampling_params) if args.preferred_sampling_params else None

@@ -21,6 +21,7 @@ import json
 import logging
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import llguidance
@@ -37,6 +38,40 @@ GRAMMAR_KINDS = ("json_schema", "regex", "ebnf")
 # Compiled grammars kept (SGLang's grammar cache is unbounded; this bounds the memory a stream of
 # distinct schemas can hold).
 GRAMMAR_CACHE_SIZE = 256
+
+
+@dataclass(frozen=True)
+class JsonWhitespace:
+    """Where a `json_schema` grammar lets the model put whitespace between JSON tokens: SGLang's
+    `--constrained-json-whitespace-pattern` (a regex for that whitespace) and
+    `--constrained-json-disable-any-whitespace` (compact JSON: none at all). Both are server defaults for
+    llguidance's `x-guidance` options, so a schema's own `x-guidance` wins (where a schema names
+    `whitespace_flexible` and the server a pattern, llguidance takes the pattern).
+
+    Why it matters: with the default (any run of spaces, tabs and newlines) a weak or random model can spend
+    its whole `max_new_tokens` on whitespace inside an object and never close it."""
+
+    pattern: str | None = None
+    any_whitespace: bool = True
+
+    def defaults(self) -> dict[str, object]:
+        if self.pattern is not None:
+            return {"whitespace_pattern": self.pattern}
+        return {"whitespace_flexible": self.any_whitespace}
+
+
+def check_whitespace_pattern(pattern: str) -> None:
+    """ValueError naming the problem when `--constrained-json-whitespace-pattern` is no regex llguidance
+    takes (checked with the flags, so the server does not start rather than answering every JSON request
+    400)."""
+    grammar = llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}',
+                                                            defaults=JsonWhitespace(pattern).defaults())
+    problem = llguidance.LLMatcher.validate_grammar(grammar)
+    if problem and not problem.startswith("WARNING"):
+        # llguidance draws the regex with a caret under the fault; its last line says what the fault is.
+        reason = problem.strip().splitlines()[-1].removeprefix("error: ")
+        raise ValueError(f"--constrained-json-whitespace-pattern {pattern!r} is not a regex llguidance accepts: "
+                         f"{reason}.")
 
 
 def grammar_key(sampling: SamplingParams) -> tuple[str, str] | None:
@@ -76,7 +111,7 @@ class GrammarCompiler:
     loop; the scheduler thread builds masks)."""
 
     def __init__(self, tokenizer_file: Path, vocab_size: int, eos_token_ids: frozenset[int],
-                 cache_size: int = GRAMMAR_CACHE_SIZE):
+                 cache_size: int = GRAMMAR_CACHE_SIZE, json_whitespace: JsonWhitespace = JsonWhitespace()):
         tokenizer = HFTokenizer.from_file(str(tokenizer_file))
         tokenizer.no_padding()
         tokenizer.no_truncation()
@@ -91,6 +126,7 @@ class GrammarCompiler:
         self._cache: OrderedDict[tuple[str, str], llguidance.LLMatcher | str] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        self.json_whitespace = json_whitespace
 
     def matcher(self, sampling: SamplingParams) -> GrammarMatcher | None:
         """A fresh matcher for the request's grammar (None when it has none); RequestError (HTTP 400)
@@ -123,7 +159,10 @@ class GrammarCompiler:
             except json.JSONDecodeError as exc:
                 return f"Invalid grammar request: json_schema is not valid JSON: {exc}."
         try:
-            grammar = llguidance.grammar_from(kind, text)
+            if kind == "json_schema":
+                grammar = llguidance.LLMatcher.grammar_from_json_schema(text, defaults=self.json_whitespace.defaults())
+            else:
+                grammar = llguidance.grammar_from(kind, text)
         except ValueError as exc:
             return f"Invalid grammar request: {kind}: {exc}"
         matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
@@ -169,11 +208,11 @@ NO_BACKEND_MESSAGE = ("Grammar-based generation (json_schema, regex, ebnf, struc
                       "the server is launched with --grammar-backend none")
 
 
-def make_grammars(backend: str | None, tokenizer_dir: Path, vocab_size: int,
-                  eos_token_ids: frozenset[int]) -> GrammarCompiler | DisabledGrammars:
+def make_grammars(backend: str | None, tokenizer_dir: Path, vocab_size: int, eos_token_ids: frozenset[int],
+                  json_whitespace: JsonWhitespace = JsonWhitespace()) -> GrammarCompiler | DisabledGrammars:
     """The engine's grammar backend for `--grammar-backend` (None = llguidance; server_args refuses the
     names we do not implement). The grammar needs the tokenizer's bytes per token, which
-    `--skip-tokenizer-init` does not stop us from reading."""
+    `--skip-tokenizer-init` does not stop us from reading. An invalid pattern is checked before (`check_whitespace_pattern`)."""
     if backend == "none":
         return DisabledGrammars(NO_BACKEND_MESSAGE)
     tokenizer_file = Path(tokenizer_dir) / "tokenizer.json"
@@ -181,7 +220,7 @@ def make_grammars(backend: str | None, tokenizer_dir: Path, vocab_size: int,
         return DisabledGrammars(f"Constrained decoding without a tokenizer.json (in {tokenizer_dir}) is not "
                                 "supported yet")
     try:
-        return GrammarCompiler(tokenizer_file, vocab_size, eos_token_ids)
+        return GrammarCompiler(tokenizer_file, vocab_size, eos_token_ids, json_whitespace=json_whitespace)
     except Exception as exc:  # a tokenizer llguidance cannot read must not stop the model from serving
         logger.warning("Constrained decoding is off: llguidance cannot use %s: %s", tokenizer_file, exc)
         return DisabledGrammars(f"Constrained decoding with this model's tokenizer ({exc}) is not supported yet")

@@ -30,6 +30,7 @@ from typing import Any
 
 from checkpoints.resolve import LOAD_FORMATS, check_load_format
 from kernels.backends import ATTENTION_BACKENDS, DENSE_BACKENDS, MOE_BACKENDS
+from serving.grammar import check_whitespace_pattern
 
 DTYPE_CHOICES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 LOG_LEVEL_CHOICES = ("debug", "info", "warning", "error", "critical")
@@ -193,6 +194,12 @@ class ServerArgs:
         None, "Constrained decoding (json_schema, regex, ebnf) backend: llguidance (omitted = llguidance) or "
         "none (grammar keys answer 400). xgrammar and outlines are not supported yet.", type=str,
         choices=GRAMMAR_BACKEND_CHOICES + GRAMMAR_BACKENDS_LATER)
+    constrained_json_whitespace_pattern: str | None = _arg(
+        None, "Regex for the whitespace a json_schema grammar allows between JSON tokens, e.g. '[\\n\\t ]*'; "
+        "omitted = any run of spaces, tabs and newlines. A schema's own x-guidance options win.", type=str)
+    constrained_json_disable_any_whitespace: bool = _arg(
+        False, "Compact JSON under a json_schema grammar: no whitespace between JSON tokens (a weak model "
+        "cannot then spend its tokens on it).")
     precompile: bool = _arg(True, "Do not compile every shape bucket at startup (compile on first use).",
                             flag="--disable-precompile")
     compilation_cache_dir: str | None = _arg(
@@ -242,6 +249,7 @@ class ServerArgs:
                              "(the default) or none.")
         if self.grammar_backend is not None:
             self._check_choice("grammar_backend", GRAMMAR_BACKEND_CHOICES)
+        self._check_json_whitespace()
         if self.expert_distribution_recorder_mode is not None:
             self._check_choice("expert_distribution_recorder_mode", EXPERT_RECORDER_MODE_CHOICES)
 
@@ -299,6 +307,14 @@ class ServerArgs:
             flag = "--" + name.replace("_", "-")
             shown = flag if isinstance(value, bool) else f"{flag} {value}"
             raise ValueError(f"{shown} is not supported yet ({reason}).")
+
+    def _check_json_whitespace(self) -> None:
+        if self.constrained_json_whitespace_pattern is None:
+            return
+        if self.constrained_json_disable_any_whitespace:
+            raise ValueError("--constrained-json-whitespace-pattern and --constrained-json-disable-any-whitespace "
+                             "contradict each other; pass one.")
+        check_whitespace_pattern(self.constrained_json_whitespace_pattern)
 
     def _check_chat_template(self) -> None:
         """A path that is not a file and text that is no Jinja template are both typos: say so at startup.

@@ -32,6 +32,7 @@ def test_defaults_follow_sglang(monkeypatch):
         "ep_size": 1, "nnodes": 1, "node_rank": 0, "dist_init_addr": None, "trust_remote_code": False, "revision": None, "expert_distribution_recorder_mode": None,
         "expert_distribution_recorder_buffer_size": None, "enable_cache_report": False,
         "sampling_defaults": "model", "chat_template": None, "precompile": True, "grammar_backend": None,
+        "constrained_json_whitespace_pattern": None, "constrained_json_disable_any_whitespace": False,
         "compilation_cache_dir": "/tmp/xdg-test/pallas-serve/jax-compile-cache",
         "disable_compilation_cache": False, "log_requests": False, "log_requests_level": 2,
         "max_request_body_size": 8 * 1024 * 1024, "request_read_timeout": 60.0, "keep_alive_timeout": 5.0,

@@ -22,7 +22,8 @@ from tokenizers import Tokenizer, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-from checkpoints.gguf import GGUFConversionError, build_tokenizer, convert_gguf_to_hf_dir
+from checkpoints.gguf import GGUFConversionError, convert_gguf_to_hf_dir
+from checkpoints.gguf_tokenizer import build_tokenizer
 from checkpoints.resolve import ModelNotFoundError, ResolvedModel, resolve_model_path
 
 GGUF_LAYER_NAMES = {

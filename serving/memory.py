@@ -7,6 +7,8 @@ requires no request running or waiting, as SGLang does. While anything is releas
 arriving meanwhile wait in the queue and run after the resume. Resuming re-reads the weights from the
 current model path (the last successful update's, so the version served before the release), places them
 on the same shardings, and allocates a fresh, empty KV cache: generation afterwards is what it was before.
+With data-parallel replicas every replica releases and resumes its own buffers (a release only once all
+are idle).
 """
 
 from __future__ import annotations
@@ -54,10 +56,7 @@ class MemoryControl:
 
         def release(replica: Replica) -> None:
             scheduler, runner = replica.scheduler, replica.runner
-            in_flight = busy(replica)
-            if in_flight:
-                raise RequestError(f"release_memory_occupation needs no request in flight; {in_flight} are running "
-                                   "or waiting (pause generation in abort mode first)")
+            _refuse_busy(busy(replica))  # a request may have arrived since the check below
             before = device_bytes_in_use(runner.placement.devices)
             if "weights" in tags and "weights" not in scheduler.released:
                 runner.release_params()
@@ -70,10 +69,7 @@ class MemoryControl:
                         (before - device_bytes_in_use(runner.placement.devices)) / 1e6)
 
         # Every replica idle first, so one busy replica refuses the call before any other releases.
-        in_flight = sum(await replicas.each(busy))
-        if in_flight:
-            raise RequestError(f"release_memory_occupation needs no request in flight; {in_flight} are running "
-                               "or waiting (pause generation in abort mode first)")
+        _refuse_busy(sum(await replicas.each(busy)))
         await replicas.each(release)
 
     async def resume(self, tags: tuple[str, ...]) -> None:
@@ -98,3 +94,9 @@ class MemoryControl:
             await asyncio.wrap_future(scheduler.call(resume))
 
         await asyncio.gather(*(resume_replica(replica) for replica in engine.replicas))
+
+
+def _refuse_busy(in_flight: int) -> None:
+    if in_flight:
+        raise RequestError(f"release_memory_occupation needs no request in flight; {in_flight} are running "
+                           "or waiting (pause generation in abort mode first)")

@@ -23,7 +23,8 @@ import transformers
 
 from serving.mesh import MeshError
 from serving.replicas import device_groups
-from tests.conftest import ServerProcess, make_tiny_checkpoint, sse_lines
+from serving.router import Router
+from tests.conftest import ServerProcess, make_tiny_checkpoint, replayable_seed, sse_lines
 from tests.hf_reference import assert_greedy
 from tests.test_multi_device import DEVICES, FLAGS, NEW_TOKENS, generate
 
@@ -182,3 +183,40 @@ def test_too_few_devices_are_refused(checkpoints):
         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert "--dp-size 3 x --tp-size 2 x --ep-size 1 needs 6 devices; cpu has 4" in result.stdout + result.stderr
+
+
+# -- in process: the router's choices ---------------------------------------------------------------
+def test_round_robin_shortest_queue_and_prefix_affinity():
+    rng = np.random.default_rng(replayable_seed("DP_ROUTER_SEED"))
+    short = [rng.integers(0, 1000, size=n).tolist() for n in (5, 30, 63)]
+    router = Router("round_robin", page_size=4, pages_per_replica=[64, 64, 64])
+    assert [router.choose(p) for p in short * 2] == [0, 1, 2] * 2  # under 64 cached tokens: no affinity
+    long = rng.integers(0, 1000, size=100).tolist()
+    assert router.choose(long) == 0
+    for _ in range(3):  # round robin would move on (1, 2, 0); the 100-token prefix keeps it on 0
+        assert router.choose(long + rng.integers(0, 1000, size=5).tolist()) == 0
+    for _ in range(3):  # ... until its requests in flight outweigh the prefix (64 tokens each beyond the choice's)
+        router.started(0)
+    assert router.choose(long) == 1  # round robin's; replica 1 now holds the prefix too
+    router.forget_prefixes()
+    assert router.choose(long) == 2  # round robin's (remembered, replica 1 would have taken it)
+
+    queue = Router("shortest_queue", page_size=4, pages_per_replica=[8, 8])
+    queue.started(0)
+    assert queue.choose(short[0]) == 1
+    queue.started(1)
+    queue.started(1)
+    queue.finished(0)
+    assert queue.choose(short[1]) == 0
+    with pytest.raises(ValueError, match="load balance method must be one of round_robin, shortest_queue"):
+        Router("minimum_tokens", page_size=4, pages_per_replica=[8])
+
+
+def test_router_forgets_least_recent_prefixes_beyond_capacity():
+    router = Router("round_robin", page_size=4, pages_per_replica=[20, 20])
+    old, new = list(range(100, 180)), list(range(200, 280))  # 20 pages each: the record holds one of them
+    assert router.choose(old) == 0 and router.choose(new) == 1  # no affinity yet
+    assert router.choose(new) == 1  # remembered (round robin alone would say 0)
+    assert router.choose([1, 2]) == 1
+    assert router.choose(list(range(300, 380))) == 0  # replica 0 now remembers these pages instead of `old`'s
+    assert router.choose(old) == 1  # round robin's choice: replica 0 forgot `old`

@@ -215,6 +215,10 @@ class Engine(PythonAPI):
         def emit(out: Output) -> None:
             loop.call_soon_threadsafe(outputs.put_nowait, out)
 
+        rank = request.data_parallel_rank
+        if rank is not None and rank >= len(self.replicas):
+            raise RequestError(f"data_parallel_rank {rank} is out of range: this server runs {len(self.replicas)} "
+                               "data-parallel replicas (--dp-size).")
         rids = [item.rid for item in request.items]
         self._claim_rids(rids)
         pending: set[str] = set()
@@ -234,7 +238,7 @@ class Engine(PythonAPI):
                     r.rid = f"{r.rid}_warmup"
                 pending = {r.rid for r in warm_reqs}
                 for r in warm_reqs:
-                    dispatch.submit(r)
+                    dispatch.submit(r, rank)
                 while pending:
                     rid = (await outputs.get()).rid
                     pending.discard(rid)
@@ -242,7 +246,7 @@ class Engine(PythonAPI):
             requests = [self._make_request(item, request.stream, emit, task=task) for item in request.items]
             pending = {r.rid for r in requests}
             for r in requests:
-                dispatch.submit(r)
+                dispatch.submit(r, rank)
             while pending:
                 out = await outputs.get()
                 if out.finished:

@@ -120,9 +120,10 @@ class Dispatch:
         self._prompt_rank: dict[tuple[int, ...], int] = {}
         self._rank_of: dict[str, int] = {}  # rid -> its replica, until finished
 
-    def submit(self, request: Request) -> None:
+    def submit(self, request: Request, rank: int | None = None) -> None:
+        """Send `request` to replica `rank` (a request's `data_parallel_rank`), or the router's choice."""
         prompt = tuple(request.input_ids)
-        rank = self._prompt_rank.get(prompt)
+        rank = self._prompt_rank.get(prompt) if rank is None else rank
         if rank is None:
             rank = self._prompt_rank[prompt] = self.router.choose(request.input_ids)
         self.router.started(rank)

@@ -97,6 +97,23 @@ def test_load_and_server_info_per_replica(dp_server, checkpoints):
     assert all(m["kv_cache_bytes"] > 0 for m in memory)
 
 
+def test_data_parallel_rank_picks_the_replica(dp_server):
+    body = {"input_ids": [4, 5, 6], "sampling_params": {"max_new_tokens": 2, "temperature": 0}}
+    before = [s["num_routed_requests"] for s in replica_states(dp_server)]
+    for _ in range(2):  # round robin alone would use both
+        assert dp_server.post("/generate", json={**body, "data_parallel_rank": 1}).status_code == 200
+    reply = dp_server.post("/v1/completions", json={"prompt": [4, 5, 6], "max_tokens": 2, "data_parallel_rank": 1})
+    assert reply.status_code == 200, reply.text
+    after = [s["num_routed_requests"] for s in replica_states(dp_server)]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [0, 3]
+    reply = dp_server.post("/generate", json={**body, "data_parallel_rank": 2})
+    assert reply.status_code == 400
+    assert reply.json()["error"]["message"] == ("data_parallel_rank 2 is out of range: this server runs 2 "
+                                                "data-parallel replicas (--dp-size).")
+    reply = dp_server.post("/generate", json={**body, "data_parallel_rank": "1"})
+    assert reply.status_code == 400 and "data_parallel_rank must be a non-negative integer" in reply.text
+
+
 def test_abort_on_replica_1_and_flush(dp_server):
     """Two streams routed one after the other land on different replicas; the one on replica 1 is aborted."""
     body = {"input_ids": [5, 6, 7, 8], "stream": True,

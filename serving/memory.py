@@ -74,26 +74,22 @@ class MemoryControl:
 
     async def resume(self, tags: tuple[str, ...]) -> None:
         engine = self.engine
+        # Read on a worker thread while the schedulers wait (halted: nothing runs on the missing buffers).
+        params = None
+        if "weights" in tags and any("weights" in replica.scheduler.released for replica in engine.replicas):
+            params = await asyncio.to_thread(engine.replicas.read_weights, engine.model_dir)
 
-        async def resume_replica(replica: Replica) -> None:
+        def resume(replica: Replica) -> None:
             scheduler, runner = replica.scheduler, replica.runner
-            # Read on a worker thread while the scheduler waits (halted: nothing runs on the missing buffers).
-            params = None
-            if "weights" in tags and "weights" in scheduler.released:
-                params = await asyncio.to_thread(runner.read_weights, engine.model_dir)
+            if params is not None and "weights" in scheduler.released:
+                runner.params = params[replica.rank]
+                scheduler.released.discard("weights")
+            if "kv_cache" in tags and "kv_cache" in scheduler.released:
+                runner.reset_kv_cache()
+                scheduler.cache.flush()
+                scheduler.released.discard("kv_cache")
 
-            def resume() -> None:
-                if params is not None and "weights" in scheduler.released:
-                    runner.params = params
-                    scheduler.released.discard("weights")
-                if "kv_cache" in tags and "kv_cache" in scheduler.released:
-                    runner.reset_kv_cache()
-                    scheduler.cache.flush()
-                    scheduler.released.discard("kv_cache")
-
-            await asyncio.wrap_future(scheduler.call(resume))
-
-        await asyncio.gather(*(resume_replica(replica) for replica in engine.replicas))
+        await engine.replicas.each(resume)
 
 
 def _refuse_busy(in_flight: int) -> None:

@@ -8,8 +8,8 @@ once the requests admitted before it have finished (or at once while generation 
 request runs on one set of weights from its first token to its last, and requests arriving meanwhile
 wait and run on the new ones. With `is_async` the swap does not wait: requests in flight continue on
 the new weights from the next step, and the cache flush waits for them to finish. The old params' device memory goes back when the swap drops them.
-With data-parallel replicas (serving/replicas.py) each replica reads the checkpoint onto its own devices
-and swaps on its own scheduler thread; the answer is SGLang's for dp > 1 (`num_paused_requests` a list
+With data-parallel replicas (serving/replicas.py) the checkpoint is read once and copied onto every
+replica's devices, and each replica swaps on its own scheduler thread; the answer is SGLang's for dp > 1 (`num_paused_requests` a list
 per rank, the ranks' messages joined with " | ").
 """
 
@@ -68,7 +68,7 @@ class WeightControl:
         except Exception as exc:
             return _update_result(False, f"Failed to get weights iterator: {exc}.", dp_size)
         try:  # every replica's copy, on its own devices, before any replica swaps
-            params = [await asyncio.to_thread(replica.runner.read_weights, model_dir) for replica in replicas]
+            params = await asyncio.to_thread(replicas.read_weights, model_dir)
         except Exception as exc:
             logger.warning("update_weights_from_disk %s failed, the served weights stay: %s", request.model_path, exc)
             return _update_result(False, f"Failed to update weights: {exc}.\nRolling back to original weights.",

@@ -185,6 +185,12 @@ def test_dp_times_tp_serves_on_four_devices(checkpoints):
         for prompt, out in zip(prompts, generate(server, prompts), strict=True):
             assert_greedy(hf, prompt, out, NEW_TOKENS, label="dp 2 x tp 2")
         assert all(s["num_routed_requests"] > 0 for s in replica_states(server))  # shortest queue spreads them
+        # A swap reads once and copies onto replica 1's mesh with the same partitioning.
+        reply = server.post("/update_weights_from_disk", json={"model_path": str(checkpoints[0][1])})
+        assert reply.status_code == 200 and reply.json()["success"], reply.text
+        for prompt, out in zip(prompts * 2, generate(server, prompts) + generate(server, prompts), strict=True):
+            assert_greedy(checkpoints[1][1], prompt, out, NEW_TOKENS, label="dp 2 x tp 2 after the swap")
+        assert server.get("/get_server_info").json()["device_memory"] == info["device_memory"]  # same places
         wait_idle(server)
     finally:
         assert server.stop() == 0

@@ -3,7 +3,9 @@ checkpoints): each replica serves greedy tokens that transformers confirms (teac
 `assert_greedy`) and that equal the other replica's for the same prompt, both replicas take requests
 (round robin), `/get_load` answers one entry per replica, `/get_server_info` reports `data` and every
 replica's devices; flush, weight swap, abort of a request running on replica 1 and release / resume work
-on every replica and leave no page locked; dp x tp serves on 4 devices; too few devices are refused."""
+on every replica and leave no page locked; `data_parallel_rank` picks the replica; dp x tp serves on 4
+devices; expert records are kept per replica and add up to exact counts; too few devices are refused;
+the router's choices (round robin, shortest queue, prefix affinity) in process."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from serving.replicas import device_groups
 from serving.router import Router
 from tests.conftest import ServerProcess, make_tiny_checkpoint, replayable_seed, sse_lines
 from tests.hf_reference import assert_greedy
+from tests.test_moe_server import hf_router_choices
 from tests.test_multi_device import DEVICES, FLAGS, NEW_TOKENS, generate
 
 LOAD_KEYS = {"rid", "http_worker_ipc", "dp_rank", "num_reqs", "num_waiting_reqs", "num_tokens"}
@@ -243,3 +246,33 @@ def test_router_forgets_least_recent_prefixes_beyond_capacity():
     assert router.choose([1, 2]) == 1
     assert router.choose(list(range(300, 380))) == 0  # replica 0 now remembers these pages instead of `old`'s
     assert router.choose(old) == 1  # round robin's choice: replica 0 forgot `old`
+
+
+def test_expert_records_per_replica_add_up_to_exact_counts(tmp_path, one_torch_thread):
+    """Each replica records its own steps and dumps its own files (`rank` in them); together exact."""
+    path = make_tiny_checkpoint(tmp_path / "moe", "qwen2_moe")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    dump_dir = tmp_path / "dumps"
+    server = ServerProcess(path, *FLAGS, "--dp-size", "2", "--expert-distribution-recorder-mode", "stat",
+                           env={**DEVICES, "SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR": str(dump_dir)})
+    try:
+        config = hf.config
+        prompts = [[4, 8, 15], [16, 23, 42, 7], [1, 1, 2, 3, 5, 8]]
+        assert server.post("/start_expert_distribution_record").status_code == 200
+        outputs = generate(server, prompts)
+        assert server.post("/dump_expert_distribution_record").status_code == 200
+        expected = np.zeros((config.num_hidden_layers, config.num_experts), np.int64)
+        for prompt, out in zip(prompts, outputs, strict=True):
+            assert_greedy(hf, prompt, out, NEW_TOKENS, label="dp 2 MoE")
+            ids = hf_router_choices(hf, prompt + out[:-1])
+            for layer in range(config.num_hidden_layers):
+                expected[layer] += np.bincount(ids[layer].ravel(), minlength=config.num_experts)
+        files = sorted(dump_dir.iterdir())
+        assert [p.name.rsplit("_", 1)[1] for p in files] == ["rank0.csv", "rank0.npz", "rank1.csv", "rank1.npz"]
+        arrays = [dict(np.load(p)) for p in files if p.suffix == ".npz"]
+        assert [int(a["rank"]) for a in arrays] == [0, 1]
+        counts = [a["logical_count"].sum(axis=0) for a in arrays]
+        assert all(c.sum() > 0 for c in counts)  # round robin: both replicas ran some of the prompts
+        np.testing.assert_array_equal(counts[0] + counts[1], expected)
+    finally:
+        assert server.stop() == 0

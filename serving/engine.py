@@ -15,21 +15,18 @@ import logging
 import random
 import threading
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 from checkpoints.resolve import resolve_model_dir
 from serving import expert_stats
 from serving.config import enable_compilation_cache, resolve_runtime_config
-from serving.faults import health_problem
 from serving.grammar import JsonWhitespace, grammar_key, make_grammars
 from serving.logprobs import new_logprob_record
 from serving.memory import MemoryControl
 from serving.observers import finish_observers, internal_requests, observed_emit
 from serving.pause import GenerationControl
 from serving.pooled_requests import probe_request, run_pooled
-from serving.prefix_cache import PrefixCache
 from serving.protocol import (
     GenerateFormatter,
     GenerateItem,
@@ -42,9 +39,9 @@ from serving.protocol import (
 )
 from serving.protocol.pooling import NormalizedEncode
 from serving.python_api import PythonAPI
+from serving.replicas import Replica, ReplicaSet
 from serving.request import Request, Task
-from serving.runner import ModelRunner
-from serving.scheduler import Scheduler
+from serving.router import Dispatch, Router
 from serving.server_args import ServerArgs
 from serving.server_info import server_info
 from serving.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -68,7 +65,9 @@ class Engine(PythonAPI):
         self.chunked_prefill_size = self.runtime.chunked_prefill_size
         self.max_step_tokens = self.runtime.max_step_tokens
         executables = None if args.disable_compilation_cache else Path(args.compilation_cache_dir) / "executables"
-        self.runner = ModelRunner(self.model_dir, self.runtime, executable_cache_dir=executables)
+        # `--dp-size` copies of the model, each on its own devices (serving/replicas.py); one with dp 1.
+        self.replicas = ReplicaSet(self.model_dir, self.runtime, args, executables)
+        self.runner = self.replicas[0].runner  # the model as served (config, task, backends): alike on every replica
         self.config = self.runner.config
         self.context_length = self.runner.context_length
         self.max_total_num_tokens = self.runner.kv_spec.max_total_tokens
@@ -90,33 +89,17 @@ class Engine(PythonAPI):
         # API runs its calls on event loops of their own threads.
         self._live_rids: set[str] = set()
         self._live_rids_lock = threading.Lock()
-        self.prefix_cache = PrefixCache(self.runner.kv_spec.num_pages, args.page_size,
-                                        enable_radix=not args.disable_radix_cache)
-        if args.precompile:
-            seconds = self.runner.precompile(token_bitmask_width=self.grammars.mask_width)
-            logger.info("Compiled %d step buckets in %.1f s", len(self.runner.buckets()), seconds)
-        # The KV cache's zeros, written on a thread meanwhile (runner): ready (or failed) before the server is.
-        self.runner.wait_for_kv_cache()
-        self.expert_recorder = self._expert_recorder(args)
-        self.scheduler = Scheduler(self.runner, self.prefix_cache, self.runtime)
-        self.metrics, self.finish_observers = finish_observers(args, self.served_model_name, self.max_total_num_tokens)
-        self.scheduler.metrics = self.metrics
+        self.replicas.prepare(args, self.runtime, self.grammars.mask_width)
+        self.router = Router(args.load_balance_method, args.page_size,
+                             [replica.runner.kv_spec.num_pages for replica in self.replicas])
+        self.metrics, self.finish_observers = finish_observers(
+            args, self.served_model_name, self.max_total_num_tokens * len(self.replicas))
+        for scheduler in self.replicas.schedulers:
+            scheduler.metrics = None if self.metrics is None else self.metrics.step_metrics()
         # Weights while serving, pause / continue, device memory release (serving/weights.py, pause.py, memory.py).
         self.weights, self.memory = WeightControl(self), MemoryControl(self)
-        self.generation = GenerationControl(self.scheduler)
-        self.scheduler.start()
-
-    def _expert_recorder(self, args: ServerArgs) -> expert_stats.ExpertDistributionRecorder | None:
-        mode, config = args.expert_distribution_recorder_mode, self.config
-        reason = expert_stats.unavailable_message(mode, config.architecture, config.num_experts)
-        if reason is not None:
-            if mode is not None:
-                logger.warning(reason)
-            return None
-        recorder = expert_stats.ExpertDistributionRecorder(
-            mode, args.expert_distribution_recorder_buffer_size, config.num_layers, config.num_experts)
-        self.runner.aux_sink = recorder.record
-        return recorder
+        self.generation = GenerationControl(self.replicas)
+        self.replicas.start()
 
     def _eos_ids(self) -> frozenset[int]:
         ids = set(self.config.eos_token_ids)
@@ -129,7 +112,7 @@ class Engine(PythonAPI):
         return frozenset(int(i) for i in ids)
 
     def shutdown(self) -> None:
-        self.scheduler.stop()
+        self.replicas.stop()
 
     # -- requests ---------------------------------------------------------------------------------
     def parse(self, body: object) -> NormalizedGenerate:
@@ -234,9 +217,14 @@ class Engine(PythonAPI):
         def emit(out: Output) -> None:
             loop.call_soon_threadsafe(outputs.put_nowait, out)
 
+        rank = request.data_parallel_rank
+        if rank is not None and rank >= len(self.replicas):
+            raise RequestError(f"data_parallel_rank {rank} is out of range: this server runs {len(self.replicas)} "
+                               "data-parallel replicas (--dp-size).")
         rids = [item.rid for item in request.items]
         self._claim_rids(rids)
         pending: set[str] = set()
+        dispatch = Dispatch(self.router, self.replicas.schedulers)  # each prompt's replica (serving/router.py)
         try:
             if any(grammar_key(item.sampling) for item in request.items):  # compile off the event loop
                 await asyncio.to_thread(lambda: [self.grammars.matcher(item.sampling) for item in request.items])
@@ -252,22 +240,24 @@ class Engine(PythonAPI):
                     r.rid = f"{r.rid}_warmup"
                 pending = {r.rid for r in warm_reqs}
                 for r in warm_reqs:
-                    self.scheduler.submit(r)
+                    dispatch.submit(r, rank)
                 while pending:
-                    pending.discard((await outputs.get()).rid)
+                    rid = (await outputs.get()).rid
+                    pending.discard(rid)
+                    dispatch.finished(rid)
             requests = [self._make_request(item, request.stream, emit, task=task) for item in request.items]
             pending = {r.rid for r in requests}
             for r in requests:
-                self.scheduler.submit(r)
+                dispatch.submit(r, rank)
             while pending:
                 out = await outputs.get()
                 if out.finished:
                     pending.discard(out.rid)
+                    dispatch.finished(out.rid)
                 yield out
         finally:
             # Exact ids: a prefix match would also abort another client's request whose id extends this one.
-            for rid in pending:
-                self.scheduler.abort(rid, exact=True, cause="client disconnected or response ended")
+            dispatch.abort(pending, cause="client disconnected or response ended")
             self._release_rids(rids)
 
     async def generate_request(self, request: NormalizedGenerate) -> dict | list[dict]:
@@ -299,13 +289,13 @@ class Engine(PythonAPI):
         return len(self._live_rids)
 
     def health_problem(self) -> str | None:
-        """Why the engine cannot serve at all now (faults.py), else None."""
-        return health_problem(self.scheduler)
+        """Why the engine cannot serve at all now (faults.py; any replica's), else None."""
+        return self.replicas.health_problem()
 
     @property
     def steps_done(self) -> int:
-        """Steps that completed: a health check counts any as progress (SGLang's busy-server rule)."""
-        return self.scheduler.num_steps
+        """Steps that completed, on any replica: a health check counts any as progress (SGLang's busy-server rule)."""
+        return self.replicas.steps_done
 
     async def update_weights_from_disk(self, request: UpdateWeightsRequest) -> dict[str, Any]:
         """Swap in another checkpoint between steps (serving/weights.py); the old weights stay on failure."""
@@ -318,17 +308,24 @@ class Engine(PythonAPI):
         flushed = await self.generation.flush_cache(timeout)
         if flushed:
             self.grammars.clear()
+            self.router.forget_prefixes()
         return flushed
 
     async def expert_distribution(self, action: str) -> list[Path]:
         """`start`, `stop` or `dump` the expert-distribution record, on the scheduler thread between two
-        steps; a dump's files are written off it (their paths returned). RequestError (400) when this
-        server records nothing (no recorder mode, or a dense model)."""
-        if self.expert_recorder is None:
+        steps; a dump's files are written off it (their paths returned). Each data-parallel replica keeps its
+        own record and dumps its own files (SGLang's per-rank dumps, `rank` = the replica's). RequestError
+        (400) when this server records nothing (no recorder mode, or a dense model)."""
+        if self.replicas[0].expert_recorder is None:
             raise RequestError(expert_stats.unavailable_message(
                 self.server_args.expert_distribution_recorder_mode, self.config.architecture, self.config.num_experts))
-        result = await asyncio.wrap_future(self.scheduler.call(getattr(self.expert_recorder, action)))
-        return await asyncio.to_thread(expert_stats.write_dump, result) if action == "dump" else []
+        results = await self.replicas.each(lambda replica: getattr(replica.expert_recorder, action)())
+        if action != "dump":
+            return []
+        files = []
+        for rank, dump in enumerate(results):
+            files += await asyncio.to_thread(expert_stats.write_dump, dump, rank if len(results) > 1 else None)
+        return files
 
     def abort(self, rid: str, abort_all: bool = False, cause: str = "/abort_request") -> None:
         """Abort the request `rid` (and what derives from it: the scheduler matches ids by prefix), or every
@@ -336,21 +333,23 @@ class Engine(PythonAPI):
         empty or partial id must not abort everyone else's requests."""
         with self._live_rids_lock:
             known = rid in self._live_rids
-        if abort_all or known:
-            self.scheduler.abort(rid, abort_all, cause=cause)
+        if abort_all or known:  # on every replica: only the one running it has anything to abort
+            self.replicas.abort(rid, abort_all, cause=cause)
 
-    async def get_load(self) -> dict[str, int]:
-        """`num_reqs` (running + waiting), `num_waiting_reqs`, `num_tokens` (KV in use + queued)."""
-        return await asyncio.wrap_future(self.scheduler.call(self.scheduler.load))
+    async def get_load(self) -> list[dict[str, int]]:
+        """Per replica, in rank order: `num_reqs` (running + waiting), `num_waiting_reqs`, `num_tokens` (KV in
+        use + queued)."""
+        return await self.replicas.each(lambda replica: replica.scheduler.load())
 
     async def metrics_text(self) -> bytes:
-        """`/metrics`' body (only with --enable-metrics): the load gauges read between two steps, then every series."""
-        await asyncio.wrap_future(self.scheduler.call(lambda: self.metrics.read_gauges(self.scheduler)))
+        """`/metrics`' body (only with --enable-metrics): the load gauges read between two steps of each
+        replica and summed, then every series."""
+        self.metrics.set_gauges(await self.replicas.each(lambda replica: self.metrics.gauge_values(replica.scheduler)))
         return self.metrics.render()
 
     async def get_server_info(self) -> dict[str, Any]:
-        """`server_info()` with the page counts read on the scheduler thread."""
-        return self.server_info(await asyncio.wrap_future(self.page_counts_future()))
+        """`server_info()` with each replica's page counts read on its scheduler thread."""
+        return self.server_info(await self.replicas.each(Replica.page_counts))
 
     def model_info(self) -> dict[str, Any]:
         """`/get_model_info`'s body (contract 5.1, the 0.5.6 keys we have)."""
@@ -359,16 +358,12 @@ class Engine(PythonAPI):
                 "preferred_sampling_params": self.server_args.preferred_sampling_params,
                 "weight_version": self.weight_version}
 
-    def page_counts_future(self) -> Future:
-        """Page states, read on the scheduler thread (the only one that touches the cache)."""
-        cache = self.prefix_cache
-        return self.scheduler.call(lambda: {
-            "free": cache.num_free, "evictable": cache.num_evictable, "locked": cache.num_locked,
-            "total": cache.num_total, "invariant_errors": self.scheduler.invariant_errors,
-        })
-
     def page_counts(self) -> dict[str, int]:
-        return self.page_counts_future().result()
+        """Page states summed over the replicas, each read on its scheduler thread."""
+        futures = [replica.scheduler.call(replica.page_counts) for replica in self.replicas]
+        counts = [future.result() for future in futures]
+        return {key: sum(count[key] for count in counts) for key in counts[0]}
 
-    def server_info(self, page_counts: dict[str, int] | None = None) -> dict[str, Any]:
+    def server_info(self, page_counts: list[dict[str, int]] | None = None) -> dict[str, Any]:
+        """`/get_server_info`'s body; `page_counts` per replica (None: not read)."""
         return server_info(self, page_counts)

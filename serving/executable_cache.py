@@ -78,10 +78,13 @@ def shape_key(args: tuple) -> tuple:
 class ExecutableCache:
     """A directory of serialized executables for one model and runtime configuration (`context`)."""
 
-    def __init__(self, directory: str | os.PathLike | None, context: str):
+    def __init__(self, directory: str | os.PathLike | None, context: str, device: Any = None):
+        """`device`: the one device the executables run on (default the first); in the key, and where a
+        loaded executable runs (deserialized without it, an executable expects every device of the host)."""
         self.directory = None if directory is None else Path(directory)
+        self.device = jax.devices()[0] if device is None else device
         self._context = hashlib.sha256(
-            "\n".join([source_digest(), environment_digest(), context]).encode()).hexdigest()
+            "\n".join([source_digest(), environment_digest(), context, str(self.device)]).encode()).hexdigest()
         self.hits = 0
         self.misses = 0
 
@@ -96,7 +99,7 @@ class ExecutableCache:
         path = self.path_for(name, args)
         if path is not None and path.exists():
             try:
-                compiled = _deserialize(path.read_bytes())
+                compiled = _deserialize(path.read_bytes(), self.device)
                 self.hits += 1
                 return compiled
             except Exception as exc:  # any unreadable entry is recompiled and replaced below
@@ -133,9 +136,9 @@ class ExecutableCache:
             logger.warning("not caching %s: %s", path.name, exc)
 
 
-def _deserialize(blob: bytes) -> jax.stages.Compiled:
+def _deserialize(blob: bytes, device: Any) -> jax.stages.Compiled:
     payload, in_tree, out_tree = pickle.loads(blob)
-    return serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+    return serialize_executable.deserialize_and_load(payload, in_tree, out_tree, execution_devices=[device])
 
 
 class PreparedFunction:

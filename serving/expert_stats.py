@@ -159,10 +159,14 @@ class ExpertDistributionRecorder:
         return arrays
 
 
-def write_dump(dump: Dump) -> list[Path]:
-    """Write `<dir>/expert_distribution_recorder_<time>.npz` and `.csv`; returns the two paths."""
+def write_dump(dump: Dump, rank: int | None = None) -> list[Path]:
+    """Write `<dir>/expert_distribution_recorder_<time>.npz` and `.csv`; returns the two paths. A
+    data-parallel replica's dump (`rank`) has `_rank<rank>` after the time and its rank in the npz."""
     dump.directory.mkdir(parents=True, exist_ok=True)
     stem = f"expert_distribution_recorder_{time.time():.6f}"
+    if rank is not None:
+        stem += f"_rank{rank}"
+        dump.arrays["rank"] = np.int32(rank)
     npz, csv = dump.directory / f"{stem}.npz", dump.directory / f"{stem}.csv"
     np.savez(npz, **dump.arrays)
     layers, experts = np.indices(dump.totals.shape)

@@ -2,9 +2,10 @@
 
 Axes `("data", "tensor", "expert")` (`model.sharding.MESH_AXES`): params carry PartitionSpecs over
 `tensor` and `expert` (`model.sharding.param_spec`), the KV cache is split by KV head over `tensor`, and
-XLA SPMD partitions the step; attention and the routed experts run per shard under `shard_map`. The
-`data` axis is 1: data-parallel replicas (`--dp-size`) are not served yet. A model that does not divide
-evenly over the mesh is refused here, at start-up, with the reason.
+XLA SPMD partitions the step; attention and the routed experts run per shard under `shard_map`. Each
+data-parallel replica (`--dp-size`, serving/replicas.py) has a placement of its own on its own device
+group, so a replica's mesh has `data` 1; the server reports the number of replicas as `data`. A model
+that does not divide evenly over the mesh is refused here, at start-up, with the reason.
 """
 
 from __future__ import annotations
@@ -38,10 +39,15 @@ class Placement:
 
     mesh: Mesh | None
     kv_replication: int = 1
+    device: Any = None  # without a mesh, the one device (None: the first of `jax.devices()`)
 
     @property
     def devices(self) -> list[Any]:
-        return list(self.mesh.devices.flat) if self.mesh is not None else [jax.devices()[0]]
+        return list(self.mesh.devices.flat) if self.mesh is not None else [self._device]
+
+    @property
+    def _device(self) -> Any:
+        return jax.devices()[0] if self.device is None else self.device
 
     @property
     def axis_sizes(self) -> dict[str, int]:
@@ -57,13 +63,13 @@ class Placement:
         for path, leaf in nnx.to_flat_state(nnx.state(abstract_model, nnx.Param)):
             key = tuple(str(k) for k in path)
             spec = param_spec(key, len(leaf.shape), stacked_axes=int(key[0] in stacked))
-            out[key] = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if self.mesh is None
+            out[key] = (jax.sharding.SingleDeviceSharding(self._device) if self.mesh is None
                         else NamedSharding(self.mesh, spec))
         return out
 
     def kv_cache_sharding(self, head_major: bool) -> jax.sharding.Sharding:
         if self.mesh is None:
-            return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            return jax.sharding.SingleDeviceSharding(self._device)
         return NamedSharding(self.mesh, kv_cache_spec(head_major))
 
     @property
@@ -122,10 +128,11 @@ def _repeat_heads(value: jax.Array, *, head_dim: int, times: int) -> jax.Array:
 
 def plan_placement(config: ModelConfig, *, tp_size: int, ep_size: int, is_encoder: bool = False,
                    devices: list[Any] | None = None) -> Placement:
-    """The placement for `--tp-size` / `--ep-size` (no mesh when both are 1), checked against the model and
-    the devices: every sharded dimension must divide evenly, and the mesh must fit the devices there are."""
+    """The placement for `--tp-size` / `--ep-size` on `devices` (default: all; a data-parallel replica passes
+    its group) with no mesh when both are 1 (the first of `devices`), checked against the model and the
+    devices: every sharded dimension must divide evenly, and the mesh must fit the devices there are."""
     if tp_size == 1 and ep_size == 1:
-        return Placement(None)
+        return Placement(None, device=None if devices is None else devices[0])
     devices = list(jax.devices()) if devices is None else devices
     needed = tp_size * ep_size
     if needed > len(devices):

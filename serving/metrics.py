@@ -8,12 +8,13 @@ model name):
   `sglang:num_requests_total`, `sglang:num_aborted_requests_total`; histograms
   `sglang:e2e_request_latency_seconds`, `sglang:time_to_first_token_seconds`,
   `sglang:queue_time_seconds` (arrival to first admission);
-- per step (`after_step`): `sglang:inter_token_latency_seconds` (one observation per decoded token: the
+- per step (`ReplicaStepMetrics.after_step`, one per data-parallel replica, each timing its own steps):
+  `sglang:inter_token_latency_seconds` (one observation per decoded token: the
   time since the previous step ended, which is exactly the gap between two tokens of a request that
   decodes in both) and `sglang:cache_hit_rate` (cached / (cached + computed) prompt tokens of the last
   step that ran prefill, as SGLang's gauge);
-- at scrape time (`read_gauges`, run on the scheduler thread between two steps so nothing is read while
-  it changes): `sglang:num_running_reqs`, `sglang:num_queue_reqs`, `sglang:num_used_tokens`,
+- at scrape time (`gauge_values`, run on each replica's scheduler thread between two steps so nothing is
+  read while it changes, then summed over the replicas by `set_gauges`): `sglang:num_running_reqs`, `sglang:num_queue_reqs`, `sglang:num_used_tokens`,
   `sglang:token_usage`, `sglang:max_total_num_tokens`, `sglang:num_retracted_reqs` (waiting requests
   that were retracted at least once), `sglang:gen_throughput` (tokens generated in the last 5 s / 5 s).
 
@@ -96,21 +97,10 @@ class ServerMetrics:
                                            "Maximum total number of tokens in the KV cache pool.")
         self.num_retracted = series(Gauge, "sglang:num_retracted_reqs", "The number of retracted requests.")
         self.max_total_num_tokens.set(max_total_tokens)
-        self._last_step_end: float | None = None
-        self._generated: deque[tuple[float, int]] = deque()  # (step end, tokens) of the last few seconds
 
-    # -- scheduler thread -----------------------------------------------------------------------------
-    def after_step(self, *, decodes: int, prefill_tokens: int, cached_tokens: int, generated: int) -> None:
-        now = time.monotonic()
-        if decodes and self._last_step_end is not None:
-            self._observe_many(self.itl, now - self._last_step_end, decodes)
-        if prefill_tokens:
-            self.cache_hit_rate.set(cached_tokens / (cached_tokens + prefill_tokens))
-        if generated:
-            self._generated.append((now, generated))
-        while self._generated and self._generated[0][0] < now - THROUGHPUT_WINDOW_S:
-            self._generated.popleft()
-        self._last_step_end = now
+    def step_metrics(self) -> ReplicaStepMetrics:
+        """What one replica's scheduler calls after each step (a scheduler's `metrics`)."""
+        return ReplicaStepMetrics(self)
 
     def finished(self, request: Request, out: Output) -> None:
         """One request's counters and latencies, when its final output is emitted."""
@@ -128,19 +118,25 @@ class ServerMetrics:
         if request.first_token_at is not None:
             self.ttft.observe(request.first_token_at - request.created)
 
-    def read_gauges(self, scheduler: Scheduler) -> None:
-        """Set the load gauges from the scheduler's state (run on its thread, through `Scheduler.call`)."""
+    @staticmethod
+    def gauge_values(scheduler: Scheduler) -> dict[str, int]:
+        """One replica's load (run on its scheduler thread, through `Scheduler.call`)."""
         cache = scheduler.cache
-        used = (cache.num_total - cache.available_pages) * scheduler.page_size
         waiting = list(scheduler.waiting) + list(scheduler.held)
-        self.num_running.set(len(scheduler.running))
-        self.num_queue.set(len(waiting))
-        self.num_used_tokens.set(used)
-        self.token_usage.set(used / self.max_total_tokens)
-        self.num_retracted.set(sum(1 for r in waiting if r.retractions))
-        now = time.monotonic()
-        recent = sum(n for t, n in self._generated if t >= now - THROUGHPUT_WINDOW_S)
-        self.gen_throughput.set(recent / THROUGHPUT_WINDOW_S)
+        recent = scheduler.metrics.recent_tokens() if isinstance(scheduler.metrics, ReplicaStepMetrics) else 0
+        return {"running": len(scheduler.running), "queued": len(waiting),
+                "used": (cache.num_total - cache.available_pages) * scheduler.page_size,
+                "retracted": sum(1 for r in waiting if r.retractions), "recent_tokens": recent}
+
+    def set_gauges(self, replicas: list[dict[str, int]]) -> None:
+        """The load gauges: every replica's `gauge_values` summed (`max_total_tokens` is all replicas')."""
+        total = {key: sum(values[key] for values in replicas) for key in replicas[0]}
+        self.num_running.set(total["running"])
+        self.num_queue.set(total["queued"])
+        self.num_used_tokens.set(total["used"])
+        self.token_usage.set(total["used"] / self.max_total_tokens)
+        self.num_retracted.set(total["retracted"])
+        self.gen_throughput.set(total["recent_tokens"] / THROUGHPUT_WINDOW_S)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every series."""
@@ -156,3 +152,30 @@ class ServerMetrics:
             if interval <= bound:
                 bucket.inc(count)
                 break
+
+
+class ReplicaStepMetrics:
+    """The per-step series of one replica (its scheduler thread only): the inter-token gap is the time since
+    this replica's previous step ended, and its recent generated tokens feed `sglang:gen_throughput`."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+        self._last_step_end: float | None = None
+        self._generated: deque[tuple[float, int]] = deque()  # (step end, tokens) of the last few seconds
+
+    def after_step(self, *, decodes: int, prefill_tokens: int, cached_tokens: int, generated: int) -> None:
+        metrics, now = self.metrics, time.monotonic()
+        if decodes and self._last_step_end is not None:
+            metrics._observe_many(metrics.itl, now - self._last_step_end, decodes)
+        if prefill_tokens:
+            metrics.cache_hit_rate.set(cached_tokens / (cached_tokens + prefill_tokens))
+        if generated:
+            self._generated.append((now, generated))
+        while self._generated and self._generated[0][0] < now - THROUGHPUT_WINDOW_S:
+            self._generated.popleft()
+        self._last_step_end = now
+
+    def recent_tokens(self) -> int:
+        """Tokens generated in the last `THROUGHPUT_WINDOW_S` seconds."""
+        now = time.monotonic()
+        return sum(n for t, n in self._generated if t >= now - THROUGHPUT_WINDOW_S)

@@ -19,7 +19,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from serving.scheduler import Scheduler
+    from serving.replicas import Replica, ReplicaSet
 
 PAUSED = {"message": "Generation paused successfully.", "status": "ok"}
 CONTINUED = {"message": "Generation continued successfully.", "status": "ok"}
@@ -27,35 +27,41 @@ FLUSH_RETRY_INTERVAL = 0.05
 
 
 class GenerationControl:
-    def __init__(self, scheduler: Scheduler):
-        self.scheduler = scheduler
+    """Each call goes to every data-parallel replica (serving/replicas.py), each on its own scheduler thread."""
+
+    def __init__(self, replicas: ReplicaSet):
+        self.replicas = replicas
 
     async def pause(self, mode: str) -> dict[str, str]:
-        scheduler = self.scheduler
-        if mode == "abort":  # the inbox is ordered: the abort is applied before the pause below
-            scheduler.abort("", abort_all=True, cause="pause_generation abort")
+        if mode == "abort":  # each inbox is ordered: the abort is applied before the pause below
+            self.replicas.abort("", abort_all=True, cause="pause_generation abort")
 
-        def pause() -> None:
+        def pause(replica: Replica) -> None:
             if mode == "retract":
-                scheduler.retract_all()
-            scheduler.pause_mode = mode
+                replica.scheduler.retract_all()
+            replica.scheduler.pause_mode = mode
 
-        await asyncio.wrap_future(scheduler.call(pause))
+        await self.replicas.each(pause)
         return PAUSED
 
     async def resume(self) -> dict[str, str]:
-        def resume() -> None:
-            self.scheduler.pause_mode = None
+        def resume(replica: Replica) -> None:
+            replica.scheduler.pause_mode = None
 
-        await asyncio.wrap_future(self.scheduler.call(resume))
+        await self.replicas.each(resume)
         return CONTINUED
 
     async def flush_cache(self, timeout: float = 0.0) -> bool:
-        """Drop the prefix cache; while requests hold pages, retry until `timeout` seconds have passed
-        (SGLang's `timeout` query parameter), then give up (False)."""
+        """Drop every replica's prefix cache; while requests hold pages on some, retry those until `timeout`
+        seconds have passed (SGLang's `timeout` query parameter), then give up (False; the replicas that
+        were idle stay flushed)."""
         deadline = time.monotonic() + timeout
+        left = set(range(len(self.replicas)))
         while True:
-            if await asyncio.wrap_future(self.scheduler.call(self.scheduler.flush)):
+            flushed = await asyncio.gather(*(asyncio.wrap_future(self.replicas[rank].scheduler.call(
+                self.replicas[rank].scheduler.flush)) for rank in sorted(left)))
+            left = {rank for rank, ok in zip(sorted(left), flushed, strict=True) if not ok}
+            if not left:
                 return True
             if time.monotonic() >= deadline:
                 return False

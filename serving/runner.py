@@ -56,7 +56,10 @@ logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, model_dir: Path, config: RuntimeConfig, executable_cache_dir: Path | None = None):
+    def __init__(self, model_dir: Path, config: RuntimeConfig, executable_cache_dir: Path | None = None,
+                 devices: list | None = None):
+        """`devices`: the device group this runner's params and cache go on (a data-parallel replica's,
+        serving/replicas.py); default all of `jax.devices()`, the first `tp x ep` of them used."""
         self.model_dir = Path(model_dir)
         self.runtime = config
         self.config = ModelConfig.from_dir(self.model_dir)
@@ -75,7 +78,7 @@ class ModelRunner:
         self.pooling = None if self.task == "generate" else pooling_for(self.model_class, self.model_dir)
         # Where params and cache live: one device, or a mesh for --tp-size / --ep-size (serving.mesh).
         self.placement = plan_placement(self.config, tp_size=config.tp_size, ep_size=config.ep_size,
-                                        is_encoder=self.is_encoder)
+                                        is_encoder=self.is_encoder, devices=devices)
         self._abstract = self._abstract_model(self.config)
         # What the step runs: the checkpoint's model, or with KV heads replicated (tp above the KV heads).
         served = self.placement.served_config(self.config)
@@ -130,7 +133,8 @@ class ModelRunner:
         if self.placement.mesh is not None:
             executable_cache_dir = None
         executables = ExecutableCache(executable_cache_dir, f"{self.config!r}\n{config!r}\n"
-                                      f"{jnp.dtype(self.dtype).name}\n{self.aux_names}\n{self.dense_backend}")
+                                      f"{jnp.dtype(self.dtype).name}\n{self.aux_names}\n{self.dense_backend}",
+                                      device=self.placement.devices[0])
         self._executables = executables
         self._step = PreparedFunction("step", self._jit(
             partial(_keep_aux, partial(_sample_step, *static), self.aux_names), donate_argnums=donate),

@@ -35,6 +35,7 @@ from serving.grammar import check_whitespace_pattern
 DTYPE_CHOICES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 LOG_LEVEL_CHOICES = ("debug", "info", "warning", "error", "critical")
 SCHEDULE_POLICY_CHOICES = ("fcfs", "lpm")
+LOAD_BALANCE_METHOD_CHOICES = ("round_robin", "shortest_queue")  # serving/router.py; SGLang's others not yet
 # One list of names each, kept by the kernels (importable without JAX).
 BACKEND_CHOICES = MOE_BACKENDS
 ATTENTION_BACKEND_CHOICES = ATTENTION_BACKENDS
@@ -53,7 +54,6 @@ _ONE_HOST = "one host per server for now: multi-host serving over jax.distribute
 # nothing, which is exactly what the server does today; anything else asks for a feature that is not
 # there, so start-up refuses it rather than silently ignoring it.
 NOT_SUPPORTED_YET: dict[str, tuple[Any, str]] = {
-    "dp_size": (1, "data-parallel replicas inside one server are not served yet; run one server per device group"),
     "nnodes": (1, _ONE_HOST),
     "node_rank": (0, _ONE_HOST),
     "dist_init_addr": (None, _ONE_HOST),
@@ -212,8 +212,12 @@ class ServerArgs:
                         "the KV cache split over this many devices (must divide the attention heads; KV heads are "
                         "replicated when it is a multiple of them).", type=int,
                         aliases=("--tensor-parallel-size",))
-    dp_size: int = _arg(1, "Data-parallel degree: not supported yet (1 only).", type=int,
+    dp_size: int = _arg(1, "Data-parallel degree: this many replicas of the model, each on its own tp x ep devices "
+                        "with its own KV cache, prefix cache and scheduler, behind one server.", type=int,
                         aliases=("--data-parallel-size",))
+    load_balance_method: str = _arg("round_robin", "How --dp-size replicas share requests: in turn, or to the one "
+                                    "with the fewest in flight; either way a replica already holding a much longer "
+                                    "prefix of the prompt takes it.", type=str, choices=LOAD_BALANCE_METHOD_CHOICES)
     ep_size: int = _arg(1, "Expert-parallel degree: this many times --tp-size devices, a MoE model's routed experts "
                         "split over all of them (tp x ep must divide the expert count).", type=int, aliases=("--ep",))
     nnodes: int = _arg(1, "Number of hosts: not supported yet (1 only).", type=int)
@@ -240,6 +244,7 @@ class ServerArgs:
         self._check_choice("kv_cache_dtype", KV_CACHE_DTYPE_CHOICES)
         self._check_choice("log_level", LOG_LEVEL_CHOICES)
         self._check_choice("schedule_policy", SCHEDULE_POLICY_CHOICES)
+        self._check_choice("load_balance_method", LOAD_BALANCE_METHOD_CHOICES)
         self._check_choice("attention_backend", ATTENTION_BACKEND_CHOICES)
         self._check_choice("dense_backend", DENSE_BACKENDS)
         self._check_choice("moe_backend", BACKEND_CHOICES)

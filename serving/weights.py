@@ -8,12 +8,16 @@ once the requests admitted before it have finished (or at once while generation 
 request runs on one set of weights from its first token to its last, and requests arriving meanwhile
 wait and run on the new ones. With `is_async` the swap does not wait: requests in flight continue on
 the new weights from the next step, and the cache flush waits for them to finish. The old params' device memory goes back when the swap drops them.
+With data-parallel replicas (serving/replicas.py) the checkpoint is read once and copied onto every
+replica's devices, and each replica swaps on its own scheduler thread; the answer is SGLang's for dp > 1 (`num_paused_requests` a list
+per rank, the ranks' messages joined with " | ").
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -26,6 +30,7 @@ from serving.protocol.weights import WeightsByNameRequest
 
 if TYPE_CHECKING:
     from serving.engine import Engine
+    from serving.replicas import Replica
     from serving.runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -36,8 +41,10 @@ FUSED_PARAMS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("ga
 GET_WEIGHTS_FAILED = "Get parameter by name failed"
 
 
-def _update_result(success: bool, message: str) -> dict[str, Any]:
-    return {"success": success, "message": message, "num_paused_requests": 0}
+def _update_result(success: bool, message: str, dp_size: int = 1) -> dict[str, Any]:
+    if dp_size == 1:
+        return {"success": success, "message": message, "num_paused_requests": 0}
+    return {"success": success, "message": " | ".join([message] * dp_size), "num_paused_requests": [0] * dp_size}
 
 
 class WeightControl:
@@ -52,25 +59,39 @@ class WeightControl:
     async def update_from_disk(self, request: UpdateWeightsRequest) -> dict[str, Any]:
         """Contract 5.5: `{"success", "message", "num_paused_requests"}` with SGLang's messages."""
         engine = self.engine
+        replicas, dp_size = engine.replicas, len(engine.replicas)
         load_format = request.load_format or self.load_format
         if load_format not in LOAD_FORMATS:
-            return _update_result(False, f"Failed to get model loader: {load_format}.")
+            return _update_result(False, f"Failed to get model loader: {load_format}.", dp_size)
         try:
             model_dir = await asyncio.to_thread(resolve_model_dir, request.model_path, load_format=load_format)
         except Exception as exc:
-            return _update_result(False, f"Failed to get weights iterator: {exc}.")
-        try:
-            params = await asyncio.to_thread(engine.runner.read_weights, model_dir)
+            return _update_result(False, f"Failed to get weights iterator: {exc}.", dp_size)
+        try:  # every replica's copy, on its own devices, before any replica swaps
+            params = await asyncio.to_thread(replicas.read_weights, model_dir)
         except Exception as exc:
             logger.warning("update_weights_from_disk %s failed, the served weights stay: %s", request.model_path, exc)
-            return _update_result(False, f"Failed to update weights: {exc}.\nRolling back to original weights.")
-        scheduler = engine.scheduler
+            return _update_result(False, f"Failed to update weights: {exc}.\nRolling back to original weights.",
+                                  dp_size)
         if request.abort_all_requests:
-            scheduler.abort("", abort_all=True, cause="update_weights_from_disk abort_all_requests")
+            replicas.abort("", abort_all=True, cause="update_weights_from_disk abort_all_requests")
+        await asyncio.gather(*(self._swap(replica, params[replica.rank], model_dir, request) for replica in replicas))
+        engine.router.forget_prefixes()  # the flush (or, without one, the new weights) made them stale
+        self.load_format = load_format
+        message = "Succeeded to update model weights."
+        if request.weight_version is not None:
+            message += f" Weight version updated to {request.weight_version}."
+        logger.info("Weights updated from %s (%s)", request.model_path, load_format)
+        return _update_result(True, message, dp_size)
+
+    async def _swap(self, replica: Replica, params: Any, model_dir: Path, request: UpdateWeightsRequest) -> None:
+        """One replica's swap, on its scheduler thread (the engine's path and version change with the first
+        replica's: a request on another replica formatted before its swap may name the new ones)."""
+        engine, scheduler = self.engine, replica.scheduler
 
         def swap() -> bool:
             """Runs on the scheduler thread; False when a requested flush could not happen yet."""
-            engine.runner.params = params
+            replica.runner.params = params
             # With the params, so a request formatted after the swap never reports the old path or version.
             engine.model_dir = model_dir
             engine.model_path = engine.served_model_name = request.model_path
@@ -89,32 +110,27 @@ class WeightControl:
             # Pages of the old weights' KV are held by the requests in flight: flush once they finish;
             # requests arriving until then wait for it, so none reuses KV computed with the old weights.
             scheduler.call_when_idle(scheduler.flush)
-        self.load_format = load_format
-        message = "Succeeded to update model weights."
-        if request.weight_version is not None:
-            message += f" Weight version updated to {request.weight_version}."
-        logger.info("Weights updated from %s (%s)", request.model_path, load_format)
-        return _update_result(True, message)
 
     def update_version(self, new_version: str, abort_all_requests: bool) -> dict[str, Any]:
         """Contract 5.8. Requests in flight are aborted first unless `abort_all_requests` is false (they
         then report the version they started with)."""
         if abort_all_requests:
-            self.engine.scheduler.abort("", abort_all=True, cause="update_weight_version abort_all_requests")
+            self.engine.replicas.abort("", abort_all=True, cause="update_weight_version abort_all_requests")
         self.engine.weight_version = new_version
         return {"success": True, "message": f"Weight version updated to {new_version}", "new_version": new_version}
 
     async def get_by_name(self, request: WeightsByNameRequest) -> list:
         """Contract 5.9: the served value of the Hugging Face tensor `request.name` as nested float lists,
         its first `truncate_size` rows; read on the scheduler thread between two steps. RequestError with
-        SGLang's message for a name the model does not have (or while the weights are released)."""
-        runner = self.engine.runner
-        future = self.engine.scheduler.call(lambda: served_tensor(runner, request.name, self._paths(),
-                                                                  request.truncate_size))
-        value = await asyncio.wrap_future(future)
-        if value is None:
+        SGLang's message for a name the model does not have (or while the weights are released). With
+        data-parallel replicas, as SGLang: a list with each replica's value, in rank order."""
+        paths = self._paths()
+        values = await self.engine.replicas.each(
+            lambda replica: served_tensor(replica.runner, request.name, paths, request.truncate_size))
+        if any(value is None for value in values):
             raise RequestError(GET_WEIGHTS_FAILED)
-        return value.astype(np.float32).tolist()
+        values = [value.astype(np.float32).tolist() for value in values]
+        return values[0] if len(values) == 1 else values
 
     def _paths(self) -> dict[tuple[str, ...], Any]:
         if self._abstract_paths is None:

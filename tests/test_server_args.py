@@ -29,7 +29,7 @@ def test_defaults_follow_sglang(monkeypatch):
         "stream_interval": 1, "stream_output": False, "skip_tokenizer_init": False, "api_key": None,
         "allow_auto_truncate": False, "is_embedding": False, "attention_backend": "auto", "dense_backend": "auto", "moe_backend": "auto",
         "load_format": "auto", "enable_metrics": False, "watchdog_timeout": 300, "tp_size": 1, "dp_size": 1,
-        "ep_size": 1, "nnodes": 1, "node_rank": 0, "dist_init_addr": None, "trust_remote_code": False, "revision": None, "expert_distribution_recorder_mode": None,
+        "load_balance_method": "round_robin", "ep_size": 1, "nnodes": 1, "node_rank": 0, "dist_init_addr": None, "trust_remote_code": False, "revision": None, "expert_distribution_recorder_mode": None,
         "expert_distribution_recorder_buffer_size": None, "enable_cache_report": False,
         "sampling_defaults": "model", "chat_template": None, "precompile": True, "grammar_backend": None,
         "constrained_json_whitespace_pattern": None, "constrained_json_disable_any_whitespace": False,
@@ -116,8 +116,6 @@ def test_flags(argv, field, value):
 # Flags whose feature a later issue brings: SGLang's names and aliases still map onto the fields (the
 # parser alone, without ServerArgs' validation) ...
 NOT_YET_FLAGS = [
-    (["--data-parallel-size", "2"], "dp_size", 2),
-    (["--dp-size", "3"], "dp_size", 3),
     (["--nnodes", "2"], "nnodes", 2),
     (["--node-rank", "1"], "node_rank", 1),
     (["--dist-init-addr", "10.0.0.1:5000"], "dist_init_addr", "10.0.0.1:5000"),
@@ -157,14 +155,17 @@ def test_every_not_yet_flag_is_tested_and_parses_at_its_neutral_value():
             assert getattr(ServerArgs.from_cli([flag, str(neutral)]), field) == neutral
 
 
-def test_dp_size_message():
-    with pytest.raises(ValueError) as info:
-        ServerArgs(dp_size=2)
-    assert str(info.value) == ("--dp-size 2 is not supported yet (data-parallel replicas inside one server are not "
-                               "served yet; run one server per device group).")
+def test_load_balance_method_choices(capsys):
+    assert ServerArgs.from_cli(["--load-balance-method", "shortest_queue"]).load_balance_method == "shortest_queue"
+    with pytest.raises(SystemExit):
+        ServerArgs.from_cli(["--load-balance-method", "minimum_tokens"])
+    assert "invalid choice: 'minimum_tokens'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="load_balance_method must be one of"):
+        ServerArgs(load_balance_method="random")
 
 
 @pytest.mark.parametrize(("argv", "field", "value"), [
+    (["--data-parallel-size", "2"], "dp_size", 2), (["--dp-size", "3"], "dp_size", 3),
     (["--tensor-parallel-size", "2"], "tp_size", 2), (["--tp-size", "4"], "tp_size", 4),
     (["--ep", "8"], "ep_size", 8), (["--ep-size", "2"], "ep_size", 2)])
 def test_parallel_flags_parse(argv, field, value):

@@ -132,8 +132,9 @@ def register(app: Sanic, engine: Engine) -> None:
 
     @app.get("/get_load")
     async def get_load(request: Request):
-        load = await engine.get_load()
-        return sanic_response.json([{"rid": None, "http_worker_ipc": None, "dp_rank": 0, **load}])
+        loads = await engine.get_load()  # one per data-parallel replica, in rank order
+        return sanic_response.json([{"rid": None, "http_worker_ipc": None, "dp_rank": rank, **load}
+                                    for rank, load in enumerate(loads)])
 
     # -- control ----------------------------------------------------------------------------------
     @app.route("/flush_cache", methods=["GET", "POST"])

@@ -75,12 +75,14 @@ class NormalizedGenerate:
 
     `is_batch` says whether the response is a JSON list (list input or n > 1) and whether stream
     events carry `index`. `n` is the parallel-sample count; item i belongs to prompt i // n.
+    `data_parallel_rank`: the replica (`--dp-size`) every item must run on, or None to let the router pick.
     """
 
     is_batch: bool
     stream: bool
     items: list[GenerateItem] = field(default_factory=list)
     n: int = 1
+    data_parallel_rank: int | None = None
 
 
 def _new_rid() -> str:
@@ -289,4 +291,8 @@ def parse_generate_request(
             rid = rids[prompt_idx] if n == 1 else _new_rid()
             items.append(GenerateItem(prompt_idx * n + sample_idx, rid, text, input_ids, sampling[prompt_idx],
                                       logprobs[prompt_idx]))
-    return NormalizedGenerate(is_batch=not is_single or n > 1, stream=stream, items=items, n=n)
+    rank = body.get("data_parallel_rank")
+    if rank is not None and not (is_int(rank) and rank >= 0):
+        raise schema_error(f"data_parallel_rank must be a non-negative integer, got {describe(rank)}.")
+    return NormalizedGenerate(is_batch=not is_single or n > 1, stream=stream, items=items, n=n,
+                              data_parallel_rank=rank)

@@ -31,7 +31,8 @@ _SAMPLING_FIELDS = {
     "min_tokens": "min_new_tokens", "spaces_between_special_tokens": "spaces_between_special_tokens",
 }
 # Top-level /generate fields an OpenAI body may carry as SGLang extras; /generate validates (or refuses) them.
-_GENERATE_FIELDS = ("rid", "lora_path", "session_params", "custom_logit_processor", "return_hidden_states")
+_GENERATE_FIELDS = ("rid", "lora_path", "session_params", "custom_logit_processor", "return_hidden_states",
+                   "data_parallel_rank")
 # The sampling fields whose null means "the model's default" on chat (`--sampling-defaults model`).
 MODEL_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 _CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")

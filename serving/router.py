@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from serving.request import Request
     from serving.scheduler_inbox import SchedulerInbox
 
-from serving.server_args import LOAD_BALANCE_METHOD_CHOICES as LOAD_BALANCE_METHODS
+from serving.server_args_checks import LOAD_BALANCE_METHOD_CHOICES as LOAD_BALANCE_METHODS
 
 AFFINITY_TOKENS = 64
 

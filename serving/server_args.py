@@ -3,12 +3,13 @@
 Flag names and defaults follow SGLang's `launch_server` (shared/reference/api-contract.md section 8)
 where the flag means the same thing for us, so existing launch commands work. Our own flags:
 `--disable-precompile`, `--compilation-cache-dir`, `--disable-compilation-cache`, and the
-`pallas` / `reference` backend choices. Every value is validated in `ServerArgs.__post_init__`, so a
-ServerArgs built from Python is checked exactly like one built from the command line.
+`pallas` / `reference` backend choices. Every value is validated in `ServerArgs.__post_init__`
+(`server_args_checks.check_server_args`), so a ServerArgs built from Python is checked exactly like one
+built from the command line.
 
-Flags whose feature a later issue brings (parallelism, metrics, embeddings, MoE, ...) keep SGLang's
-names so existing launch commands parse, but only at their neutral value: `NOT_SUPPORTED_YET` lists
-each with that value and the reason it is refused otherwise.
+Flags whose feature a later issue brings (multi-host, ...) keep SGLang's names so existing launch
+commands parse, but only at their neutral value: `server_args_checks.NOT_SUPPORTED_YET` lists each with
+that value and the reason it is refused otherwise.
 
 Defaults that differ from SGLang, and why:
 - `model_path` may be omitted: None means the bundled default model (SmolLM2-135M-Instruct), which
@@ -28,36 +29,24 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from checkpoints.resolve import LOAD_FORMATS, check_load_format
-from kernels.backends import ATTENTION_BACKENDS, DENSE_BACKENDS, MOE_BACKENDS
-from serving.grammar import check_whitespace_pattern
-
-DTYPE_CHOICES = ("auto", "half", "float16", "bfloat16", "float", "float32")
-LOG_LEVEL_CHOICES = ("debug", "info", "warning", "error", "critical")
-SCHEDULE_POLICY_CHOICES = ("fcfs", "lpm")
-LOAD_BALANCE_METHOD_CHOICES = ("round_robin", "shortest_queue")  # serving/router.py; SGLang's others not yet
-# One list of names each, kept by the kernels (importable without JAX).
-BACKEND_CHOICES = MOE_BACKENDS
-ATTENTION_BACKEND_CHOICES = ATTENTION_BACKENDS
-KV_CACHE_DTYPE_CHOICES = ("auto", "bf16", "bfloat16")
-KV_CACHE_DTYPES_LATER = ("fp8_e5m2", "fp8_e4m3", "fp4_e2m1")  # SGLang's other choices
-GRAMMAR_BACKEND_CHOICES = ("llguidance", "none")
-GRAMMAR_BACKENDS_LATER = ("xgrammar", "outlines")  # SGLang's other choices (serving/grammar.py says why)
-EXPERT_RECORDER_MODE_CHOICES = ("stat", "per_pass", "per_token")
-SAMPLING_DEFAULTS_CHOICES = ("model", "openai")
-LOAD_FORMAT_CHOICES = LOAD_FORMATS  # the formats the resolver tells apart
-LOAD_FORMATS_LATER = ("pt", "npcache", "dummy", "sharded_state", "bitsandbytes", "layered", "remote",
-                      "remote_instance")  # SGLang's other choices
-
-_ONE_HOST = "one host per server for now: multi-host serving over jax.distributed is not served yet"
-# field -> (neutral value, why any other value is refused). At the neutral value the flag changes
-# nothing, which is exactly what the server does today; anything else asks for a feature that is not
-# there, so start-up refuses it rather than silently ignoring it.
-NOT_SUPPORTED_YET: dict[str, tuple[Any, str]] = {
-    "nnodes": (1, _ONE_HOST),
-    "node_rank": (0, _ONE_HOST),
-    "dist_init_addr": (None, _ONE_HOST),
-}
+from serving.server_args_checks import (
+    ATTENTION_BACKEND_CHOICES,
+    BACKEND_CHOICES,
+    DENSE_BACKENDS,
+    DTYPE_CHOICES,
+    EXPERT_RECORDER_MODE_CHOICES,
+    GRAMMAR_BACKEND_CHOICES,
+    GRAMMAR_BACKENDS_LATER,
+    KV_CACHE_DTYPE_CHOICES,
+    KV_CACHE_DTYPES_LATER,
+    LOAD_BALANCE_METHOD_CHOICES,
+    LOAD_FORMAT_CHOICES,
+    LOAD_FORMATS_LATER,
+    LOG_LEVEL_CHOICES,
+    SAMPLING_DEFAULTS_CHOICES,
+    SCHEDULE_POLICY_CHOICES,
+    check_server_args,
+)
 
 
 def default_compilation_cache_dir() -> str:
@@ -235,114 +224,12 @@ class ServerArgs:
         None, "Forward passes the expert recorder keeps (default 1000; -1 keeps every pass).", type=int)
 
     def __post_init__(self) -> None:
-        if isinstance(self.log_level, str):
-            self.log_level = self.log_level.lower()
-        self._check_choice("dtype", DTYPE_CHOICES)
-        if self.kv_cache_dtype in KV_CACHE_DTYPES_LATER:
-            raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported yet; use one of "
-                             f"{', '.join(KV_CACHE_DTYPE_CHOICES)}.")
-        self._check_choice("kv_cache_dtype", KV_CACHE_DTYPE_CHOICES)
-        self._check_choice("log_level", LOG_LEVEL_CHOICES)
-        self._check_choice("schedule_policy", SCHEDULE_POLICY_CHOICES)
-        self._check_choice("load_balance_method", LOAD_BALANCE_METHOD_CHOICES)
-        self._check_choice("attention_backend", ATTENTION_BACKEND_CHOICES)
-        self._check_choice("dense_backend", DENSE_BACKENDS)
-        self._check_choice("moe_backend", BACKEND_CHOICES)
-        self._check_choice("sampling_defaults", SAMPLING_DEFAULTS_CHOICES)
-        if self.grammar_backend in GRAMMAR_BACKENDS_LATER:
-            raise ValueError(f"--grammar-backend {self.grammar_backend} is not supported yet; use llguidance "
-                             "(the default) or none.")
-        if self.grammar_backend is not None:
-            self._check_choice("grammar_backend", GRAMMAR_BACKEND_CHOICES)
-        self._check_json_whitespace()
-        if self.expert_distribution_recorder_mode is not None:
-            self._check_choice("expert_distribution_recorder_mode", EXPERT_RECORDER_MODE_CHOICES)
-
-        if not isinstance(self.host, str) or not self.host:
-            raise ValueError("host must be a non-empty string.")
-        if not 1 <= self.port <= 65535:
-            raise ValueError(f"port must be in [1, 65535], got {self.port}.")
-        if self.page_size < 1 or self.page_size & (self.page_size - 1):
-            raise ValueError(f"page_size must be a power of two (1, 2, 4, ...), got {self.page_size}.")
-        for name in ("context_length", "max_running_requests", "max_queued_requests", "max_total_tokens"):
-            self._check_at_least(name, 1, optional=True)
-        for name in ("max_prefill_tokens", "stream_interval", "decode_log_interval", "tp_size", "dp_size",
-                     "ep_size"):
-            self._check_at_least(name, 1, optional=False)
-        if self.chunked_prefill_size is not None and self.chunked_prefill_size != -1 and self.chunked_prefill_size < 1:
-            raise ValueError(
-                f"chunked_prefill_size must be -1 (disable chunking) or at least 1, got {self.chunked_prefill_size}."
-            )
-        buffer_size = self.expert_distribution_recorder_buffer_size
-        if buffer_size is not None and buffer_size != -1 and buffer_size < 1:
-            raise ValueError(
-                f"expert_distribution_recorder_buffer_size must be -1 (unbounded) or at least 1, got {buffer_size}."
-            )
-        if self.mem_fraction_static is not None and not 0.0 < self.mem_fraction_static <= 1.0:
-            raise ValueError(f"mem_fraction_static must be in (0, 1], got {self.mem_fraction_static}.")
-        if self.random_seed is not None and self.random_seed < 0:
-            raise ValueError(f"random_seed must be non-negative, got {self.random_seed}.")
-        self._check_at_least("max_request_body_size", 1024, optional=False)
-        for name in ("request_read_timeout", "keep_alive_timeout"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
-        if self.log_requests_level not in (0, 1, 2, 3):
-            raise ValueError(f"log_requests_level must be 0, 1, 2 or 3, got {self.log_requests_level}.")
-        if not self.watchdog_timeout > 0:
-            raise ValueError(f"watchdog_timeout must be positive, got {self.watchdog_timeout}.")
-        if not self.load_format:
-            raise ValueError("load_format must be a non-empty string.")
-        if self.load_format in LOAD_FORMATS_LATER:
-            raise ValueError(f"--load-format {self.load_format} is not supported yet; use one of "
-                             f"{', '.join(LOAD_FORMAT_CHOICES)}.")
-        check_load_format(self.model_path, self.load_format)
-        self._refuse_features_not_there_yet()
-        self._check_chat_template()
+        check_server_args(self)
         self._preferred = self._parse_preferred_sampling_params()
         if self.compilation_cache_dir is None:
             self.compilation_cache_dir = default_compilation_cache_dir()
         else:
             self.compilation_cache_dir = os.path.expanduser(self.compilation_cache_dir)
-
-    def _refuse_features_not_there_yet(self) -> None:
-        for name, (neutral, reason) in NOT_SUPPORTED_YET.items():
-            value = getattr(self, name)
-            if value == neutral:
-                continue
-            flag = "--" + name.replace("_", "-")
-            shown = flag if isinstance(value, bool) else f"{flag} {value}"
-            raise ValueError(f"{shown} is not supported yet ({reason}).")
-
-    def _check_json_whitespace(self) -> None:
-        if self.constrained_json_whitespace_pattern is None:
-            return
-        if self.constrained_json_disable_any_whitespace:
-            raise ValueError("--constrained-json-whitespace-pattern and --constrained-json-disable-any-whitespace "
-                             "contradict each other; pass one.")
-        check_whitespace_pattern(self.constrained_json_whitespace_pattern)
-
-    def _check_chat_template(self) -> None:
-        """A path that is not a file and text that is no Jinja template are both typos: say so at startup.
-        SGLang also takes the names of its built-in templates; we have none."""
-        value = self.chat_template
-        if value is not None and self.skip_tokenizer_init:
-            raise ValueError("--chat-template needs a tokenizer; it cannot be combined with --skip-tokenizer-init.")
-        if value is None or os.path.isfile(os.path.expanduser(value)) or "{{" in value or "{%" in value:
-            return
-        raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template; SGLang's named "
-                         "chat templates are not supported yet.")
-
-    def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
-        value = getattr(self, name)
-        if value not in choices:
-            raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}.")
-
-    def _check_at_least(self, name: str, minimum: int, *, optional: bool) -> None:
-        value = getattr(self, name)
-        if value is None and optional:
-            return
-        if value is None or value < minimum:
-            raise ValueError(f"{name} must be at least {minimum}, got {value}.")
 
     def _parse_preferred_sampling_params(self) -> dict[str, Any] | None:
         raw = self.preferred_sampling_params

@@ -13,7 +13,7 @@ from checkpoints.resolve import (
     check_load_format,
     resolve_model_path,
 )
-from serving.server_args import LOAD_FORMAT_CHOICES
+from serving.server_args_checks import LOAD_FORMAT_CHOICES
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from serving.server_args import NOT_SUPPORTED_YET, ServerArgs, add_cli_args, default_compilation_cache_dir
+from serving.server_args import ServerArgs, add_cli_args, default_compilation_cache_dir
+from serving.server_args_checks import NOT_SUPPORTED_YET
 
 
 def test_defaults_follow_sglang(monkeypatch):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from checkpoints.resolve import resolve_model_dir
-from serving import expert_stats
+from serving import expert_stats, multihost
 from serving.config import enable_compilation_cache, resolve_runtime_config
 from serving.grammar import JsonWhitespace, grammar_key, make_grammars
 from serving.logprobs import new_logprob_record
@@ -54,6 +54,7 @@ class Engine(PythonAPI):
     def __init__(self, server_args: ServerArgs | None = None, **kwargs: Any):
         args = server_args or ServerArgs(**kwargs)
         self.server_args = args
+        multihost.initialize(args)  # --nnodes > 1: join the other hosts before anything touches a device
         if not args.disable_compilation_cache:
             enable_compilation_cache(args.compilation_cache_dir)
         self.model_dir = resolve_model_dir(args.model_path, revision=args.revision, load_format=args.load_format)

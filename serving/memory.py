@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import jax
 
+from serving.multihost import refuse
 from serving.protocol import RequestError
 
 if TYPE_CHECKING:
@@ -29,10 +30,12 @@ logger = logging.getLogger(__name__)
 
 
 def device_bytes_in_use(devices: list | None = None) -> int:
-    """Bytes in use on `devices` (default: the first device): the backend's own count where it keeps one
-    (TPU, GPU), else the sum of the live arrays on them (CPU)."""
+    """Bytes in use on those of `devices` (default: the first device) that belong to this process: the
+    backend's own count where it keeps one (TPU, GPU), else the sum of the live arrays on them (CPU)."""
     total = 0
     for device in devices or jax.devices()[:1]:
+        if device.process_index != jax.process_index():  # another host's (--nnodes): not ours to read
+            continue
         stats = device.memory_stats() if hasattr(device, "memory_stats") else None
         if stats and "bytes_in_use" in stats:
             total += int(stats["bytes_in_use"])
@@ -48,6 +51,7 @@ class MemoryControl:
         self.engine = engine
 
     async def release(self, tags: tuple[str, ...]) -> None:
+        _refuse_multihost(self.engine, "release_memory_occupation")
         replicas = self.engine.replicas
 
         def busy(replica: Replica) -> int:
@@ -74,6 +78,7 @@ class MemoryControl:
 
     async def resume(self, tags: tuple[str, ...]) -> None:
         engine = self.engine
+        _refuse_multihost(engine, "resume_memory_occupation")
         # Read on a worker thread while the schedulers wait (halted: nothing runs on the missing buffers).
         params = None
         if "weights" in tags and any("weights" in replica.scheduler.released for replica in engine.replicas):
@@ -90,6 +95,13 @@ class MemoryControl:
                 scheduler.released.discard("kv_cache")
 
         await engine.replicas.each(resume)
+
+
+def _refuse_multihost(engine: Engine, what: str) -> None:
+    """The follower hosts would keep their buffers (neither call is mirrored to them, serving/multihost.py)."""
+    refusal = refuse(engine.server_args, what)
+    if refusal is not None:
+        raise RequestError(refusal)
 
 
 def _refuse_busy(in_flight: int) -> None:

@@ -167,12 +167,13 @@ def _check_divides(config: ModelConfig, tp_size: int) -> None:
 
 
 def device_memory(placement: Placement, params: Any, kv_pages: jax.Array | None) -> list[dict[str, Any]]:
-    """One entry per device of the placement: the bytes of param and KV-cache shards that live on it,
-    summed from the arrays' addressable shards (released arrays count nothing)."""
+    """One entry per device of the placement that this process owns: the bytes of param and KV-cache shards
+    that live on it, summed from the arrays' addressable shards (released arrays count nothing). With
+    `--nnodes` > 1 that is node 0's devices only: another host's shards are not addressable here."""
     weights = _bytes_per_device(jax.tree_util.tree_leaves(params))
     kv_cache = _bytes_per_device([] if kv_pages is None else [kv_pages])
     return [{"device": str(device), "weights_bytes": weights.get(device, 0), "kv_cache_bytes": kv_cache.get(device, 0)}
-            for device in placement.devices]
+            for device in placement.devices if device.process_index == jax.process_index()]
 
 
 def _bytes_per_device(arrays: list[jax.Array]) -> dict[Any, int]:

@@ -25,6 +25,7 @@ from serving import expert_stats
 from serving.config import RuntimeConfig
 from serving.faults import health_problem
 from serving.mesh import MeshError
+from serving.multihost import LeaderRunner, stop_followers
 from serving.prefix_cache import PrefixCache
 from serving.runner import ModelRunner
 from serving.scheduler import Scheduler
@@ -80,10 +81,12 @@ class ReplicaSet:
         groups = device_groups(args.dp_size, args.tp_size, args.ep_size)
         runtime = replica_runtime(runtime, args.dp_size)
         self.replicas: list[Replica] = []
+        # With --nnodes > 1 (dp 1) node 0's runner broadcasts its steps to the other hosts (serving/multihost.py).
+        runner_class = LeaderRunner if args.nnodes > 1 else ModelRunner
         for rank, devices in enumerate(groups):
             if len(groups) > 1:
                 logger.info("Loading replica %d of %d on %s", rank, len(groups), ", ".join(map(str, devices)))
-            runner = ModelRunner(model_dir, runtime, executable_cache_dir=executable_cache_dir, devices=devices)
+            runner = runner_class(model_dir, runtime, executable_cache_dir=executable_cache_dir, devices=devices)
             self.replicas.append(Replica(rank, runner))
 
     def prepare(self, args: ServerArgs, runtime: RuntimeConfig, token_bitmask_width: int | None) -> None:
@@ -128,6 +131,7 @@ class ReplicaSet:
     def stop(self) -> None:
         for scheduler in self.schedulers:
             scheduler.stop()
+        stop_followers()  # after the last step: the other hosts' processes exit
 
     async def each(self, fn: Callable[[Replica], Any], *, when_idle: bool = False) -> list[Any]:
         """`fn(replica)` on each replica's scheduler thread between two of its steps (with `when_idle`, once

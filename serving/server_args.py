@@ -209,10 +209,13 @@ class ServerArgs:
                                     "prefix of the prompt takes it.", type=str, choices=LOAD_BALANCE_METHOD_CHOICES)
     ep_size: int = _arg(1, "Expert-parallel degree: this many times --tp-size devices, a MoE model's routed experts "
                         "split over all of them (tp x ep must divide the expert count).", type=int, aliases=("--ep",))
-    nnodes: int = _arg(1, "Number of hosts: not supported yet (1 only).", type=int)
-    node_rank: int = _arg(0, "This host's rank among --nnodes: not supported yet (0 only).", type=int)
-    dist_init_addr: str | None = _arg(None, "Coordinator address (host:port) of a multi-host run: not supported "
-                                      "yet.", type=str)
+    nnodes: int = _arg(1, "Number of hosts one server spans: each runs this command with its own --node-rank; "
+                       "one mesh (--tp-size x --ep-size = every host's devices) over all of them, node 0 serves "
+                       "HTTP (docs/multi_device.md).", type=int)
+    node_rank: int = _arg(0, "This host's rank among --nnodes, 0 to nnodes - 1: 0 serves HTTP, the others step "
+                          "with it and serve nothing themselves.", type=int)
+    dist_init_addr: str | None = _arg(None, "With --nnodes > 1: node 0's HOST:PORT (a free port every host can "
+                                      "reach), where jax.distributed's coordinator listens.", type=str)
 
     # Expert-distribution recording (MoE)
     expert_distribution_recorder_mode: str | None = _arg(

@@ -31,15 +31,10 @@ LOAD_FORMAT_CHOICES = LOAD_FORMATS  # the formats the resolver tells apart
 LOAD_FORMATS_LATER = ("pt", "npcache", "dummy", "sharded_state", "bitsandbytes", "layered", "remote",
                       "remote_instance")  # SGLang's other choices
 
-_ONE_HOST = "one host per server for now: multi-host serving over jax.distributed is not served yet"
 # field -> (neutral value, why any other value is refused). At the neutral value the flag changes
 # nothing, which is exactly what the server does today; anything else asks for a feature that is not
 # there, so start-up refuses it rather than silently ignoring it.
-NOT_SUPPORTED_YET: dict[str, tuple[Any, str]] = {
-    "nnodes": (1, _ONE_HOST),
-    "node_rank": (0, _ONE_HOST),
-    "dist_init_addr": (None, _ONE_HOST),
-}
+NOT_SUPPORTED_YET: dict[str, tuple[Any, str]] = {}
 
 
 def check_server_args(args: ServerArgs) -> None:
@@ -107,6 +102,7 @@ def check_server_args(args: ServerArgs) -> None:
                          f"{', '.join(LOAD_FORMAT_CHOICES)}.")
     check_load_format(args.model_path, args.load_format)
     _refuse_features_not_there_yet(args)
+    _check_nodes(args)
     _check_chat_template(args)
 
 
@@ -118,6 +114,27 @@ def _refuse_features_not_there_yet(args: ServerArgs) -> None:
         flag = "--" + name.replace("_", "-")
         shown = flag if isinstance(value, bool) else f"{flag} {value}"
         raise ValueError(f"{shown} is not supported yet ({reason}).")
+
+
+def _check_nodes(args: ServerArgs) -> None:
+    """`--nnodes` / `--node-rank` / `--dist-init-addr` (serving/multihost.py): an explicit coordinator, and only
+    what node 0 mirrors to the other hosts."""
+    _check_at_least(args, "nnodes", 1, optional=False)
+    if not isinstance(args.node_rank, int) or not 0 <= args.node_rank < args.nnodes:
+        raise ValueError(f"node_rank must be in [0, nnodes) = [0, {args.nnodes}), got {args.node_rank}.")
+    if args.nnodes == 1:
+        if args.dist_init_addr is not None:
+            raise ValueError("--dist-init-addr joins several hosts; it needs --nnodes above 1.")
+        return
+    host, _, port = (args.dist_init_addr or "").rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"--nnodes {args.nnodes} needs --dist-init-addr HOST:PORT, node 0's address and a free "
+                         f"port every host can reach; got {args.dist_init_addr!r}.")
+    if args.dp_size > 1:
+        raise ValueError(f"--dp-size {args.dp_size} with --nnodes {args.nnodes} is not supported yet: one mesh "
+                         "spans every host's devices (use --tp-size / --ep-size).")
+    if args.expert_distribution_recorder_mode is not None:
+        raise ValueError(f"--expert-distribution-recorder-mode with --nnodes {args.nnodes} is not supported yet.")
 
 
 def _check_json_whitespace(args: ServerArgs) -> None:

@@ -25,6 +25,7 @@ from flax import nnx
 
 from checkpoints.name_maps import weight_name_map_for
 from checkpoints.resolve import LOAD_FORMATS, resolve_model_dir
+from serving.multihost import refuse
 from serving.protocol import RequestError, UpdateWeightsRequest
 from serving.protocol.weights import WeightsByNameRequest
 
@@ -60,6 +61,9 @@ class WeightControl:
         """Contract 5.5: `{"success", "message", "num_paused_requests"}` with SGLang's messages."""
         engine = self.engine
         replicas, dp_size = engine.replicas, len(engine.replicas)
+        refusal = refuse(engine.server_args, "update_weights_from_disk")
+        if refusal is not None:
+            return _update_result(False, refusal, dp_size)
         load_format = request.load_format or self.load_format
         if load_format not in LOAD_FORMATS:
             return _update_result(False, f"Failed to get model loader: {load_format}.", dp_size)
@@ -124,6 +128,9 @@ class WeightControl:
         its first `truncate_size` rows; read on the scheduler thread between two steps. RequestError with
         SGLang's message for a name the model does not have (or while the weights are released). With
         data-parallel replicas, as SGLang: a list with each replica's value, in rank order."""
+        refusal = refuse(self.engine.server_args, "get_weights_by_name")  # a param's shards are on every host
+        if refusal is not None:
+            raise RequestError(refusal)
         paths = self._paths()
         values = await self.engine.replicas.each(
             lambda replica: served_tensor(replica.runner, request.name, paths, request.truncate_size))

@@ -37,9 +37,9 @@ logger = logging.getLogger(__name__)
 # method either runs on the host only or is refused under --nnodes > 1.
 MIRRORED = ("run", "run_pool", "precompile", "reset_kv_cache")
 STOP = "stop"
-# Payloads are padded to a power of two of at least this many bytes: each padded size compiles one small
-# broadcast, so a handful of sizes cover every step.
-MIN_PAYLOAD_BYTES = 1024
+# A command's first broadcast: its length and, when it fits, all of it (one collective per decode step).
+FIRST_BYTES = 4096
+_LENGTH_BYTES = 4
 
 
 def initialize(args: ServerArgs) -> None:
@@ -66,9 +66,11 @@ def initialize(args: ServerArgs) -> None:
 
 class CommandChannel:
     """Node 0 -> every other process: one command (a name and its pickled arguments) per call, over
-    `broadcast_one_to_all`, a collective of the JAX job itself. Two broadcasts per command: the payload's
-    length (fixed shape), then the payload padded to its size bucket. The payload is pickled: it only ever
-    comes from process 0 of this job, which the followers already trust to run whatever it computes.
+    `broadcast_one_to_all`, a collective of the JAX job itself. A command is one broadcast of `FIRST_BYTES`
+    (the payload's length, then as much of it as fits: a decode step's whole batch) and, for a longer
+    payload, a second one of the rest padded to a power of two (each padded size compiles one small
+    broadcast). The payload is pickled: it only ever comes from process 0 of this job, which the followers
+    already trust to run whatever it computes.
 
     `lock` orders commands and the leader's own calls: a command and the device call it announces must not
     interleave with another's."""
@@ -79,16 +81,27 @@ class CommandChannel:
 
     def send(self, name: str, *args: Any, **kwargs: Any) -> None:
         payload = pickle.dumps((name, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
-        multihost_utils.broadcast_one_to_all(np.array([len(payload)], np.int32))
-        buffer = np.zeros(_padded_size(len(payload)), np.uint8)
-        buffer[: len(payload)] = np.frombuffer(payload, np.uint8)
-        multihost_utils.broadcast_one_to_all(buffer)
+        data = np.frombuffer(payload, np.uint8)
+        first = np.zeros(FIRST_BYTES, np.uint8)
+        first[:_LENGTH_BYTES] = np.array([len(payload)], "<u4").view(np.uint8)
+        inline = data[: FIRST_BYTES - _LENGTH_BYTES]
+        first[_LENGTH_BYTES: _LENGTH_BYTES + len(inline)] = inline
+        multihost_utils.broadcast_one_to_all(first)
+        rest = data[len(inline):]
+        if len(rest):
+            buffer = np.zeros(next_pow2(len(rest)), np.uint8)
+            buffer[: len(rest)] = rest
+            multihost_utils.broadcast_one_to_all(buffer)
 
     def receive(self) -> tuple[str, tuple, dict]:
         """The next command (blocks until node 0 sends one)."""
-        size = int(multihost_utils.broadcast_one_to_all(np.zeros(1, np.int32))[0])
-        buffer = multihost_utils.broadcast_one_to_all(np.zeros(_padded_size(size), np.uint8))
-        return pickle.loads(buffer[:size].tobytes())
+        first = multihost_utils.broadcast_one_to_all(np.zeros(FIRST_BYTES, np.uint8))
+        size = int(first[:_LENGTH_BYTES].view("<u4")[0])
+        payload = first[_LENGTH_BYTES: _LENGTH_BYTES + size].tobytes()
+        rest = size - len(payload)
+        if rest:
+            payload += multihost_utils.broadcast_one_to_all(np.zeros(next_pow2(rest), np.uint8))[:rest].tobytes()
+        return pickle.loads(payload)
 
     def stop(self) -> None:
         """Tell the followers to exit (once; later calls do nothing)."""
@@ -96,10 +109,6 @@ class CommandChannel:
             if not self.stopped:
                 self.stopped = True
                 self.send(STOP)
-
-
-def _padded_size(size: int) -> int:
-    return max(MIN_PAYLOAD_BYTES, next_pow2(size))
 
 
 _leader_channel: CommandChannel | None = None  # node 0's, once a LeaderRunner exists (one per process)

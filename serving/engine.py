@@ -54,7 +54,7 @@ class Engine(PythonAPI):
     def __init__(self, server_args: ServerArgs | None = None, **kwargs: Any):
         args = server_args or ServerArgs(**kwargs)
         self.server_args = args
-        multihost.initialize(args)  # --nnodes > 1: join the other hosts before anything touches a device
+        multihost.initialize_leader(args)  # --nnodes > 1: join the other hosts before anything touches a device
         if not args.disable_compilation_cache:
             enable_compilation_cache(args.compilation_cache_dir)
         self.model_dir = resolve_model_dir(args.model_path, revision=args.revision, load_format=args.load_format)

@@ -64,6 +64,14 @@ def initialize(args: ServerArgs) -> None:
                          "in each step")
 
 
+def initialize_leader(args: ServerArgs) -> None:
+    """`initialize` for the process that builds the `Engine`: node 0 only (the others run serving/follower.py)."""
+    if args.node_rank != 0:
+        raise ValueError(f"--node-rank {args.node_rank} builds no engine: node 0 serves, every other node runs "
+                         "`python -m serving.main` with the same flags and follows it")
+    initialize(args)
+
+
 class CommandChannel:
     """Node 0 -> every other process: one command (a name and its pickled arguments) per call, over
     `broadcast_one_to_all`, a collective of the JAX job itself. A command is one broadcast of `FIRST_BYTES`

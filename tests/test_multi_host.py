@@ -152,3 +152,10 @@ def test_command_channel_between_two_processes(tmp_path):
 def test_node_flags_are_checked(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ServerArgs(**kwargs)
+
+
+def test_engine_is_node_0s_only(tiny_llama_dir):
+    from serving.engine import Engine
+
+    with pytest.raises(ValueError, match="--node-rank 1 builds no engine: node 0 serves"):
+        Engine(model_path=str(tiny_llama_dir), nnodes=2, node_rank=1, dist_init_addr="127.0.0.1:1", tp_size=2)

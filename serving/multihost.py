@@ -37,9 +37,9 @@ logger = logging.getLogger(__name__)
 # method either runs on the host only or is refused under --nnodes > 1.
 MIRRORED = ("run", "run_pool", "precompile", "reset_kv_cache")
 STOP = "stop"
-# A command's first broadcast: its length and, when it fits, all of it (one collective per decode step).
-FIRST_BYTES = 4096
-_LENGTH_BYTES = 4
+# A command's first broadcast, in int32 words (a dtype every platform's all-reduce takes): its length in
+# bytes and, when it fits in the other 4092 bytes, all of it (one collective per decode step).
+FIRST_WORDS = 1024
 
 
 def initialize(args: ServerArgs) -> None:
@@ -74,7 +74,7 @@ def initialize_leader(args: ServerArgs) -> None:
 
 class CommandChannel:
     """Node 0 -> every other process: one command (a name and its pickled arguments) per call, over
-    `broadcast_one_to_all`, a collective of the JAX job itself. A command is one broadcast of `FIRST_BYTES`
+    `broadcast_one_to_all`, a collective of the JAX job itself. A command is one broadcast of `FIRST_WORDS`
     (the payload's length, then as much of it as fits: a decode step's whole batch) and, for a longer
     payload, a second one of the rest padded to a power of two (each padded size compiles one small
     broadcast). The payload is pickled: it only ever comes from process 0 of this job, which the followers
@@ -89,27 +89,28 @@ class CommandChannel:
 
     def send(self, name: str, *args: Any, **kwargs: Any) -> None:
         payload = pickle.dumps((name, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
-        data = np.frombuffer(payload, np.uint8)
-        first = np.zeros(FIRST_BYTES, np.uint8)
-        first[:_LENGTH_BYTES] = np.array([len(payload)], "<u4").view(np.uint8)
-        inline = data[: FIRST_BYTES - _LENGTH_BYTES]
-        first[_LENGTH_BYTES: _LENGTH_BYTES + len(inline)] = inline
+        words = np.frombuffer(payload + bytes(-len(payload) % 4), "<i4")
+        first = np.zeros(FIRST_WORDS, np.int32)
+        first[0] = len(payload)
+        inline = words[: FIRST_WORDS - 1]
+        first[1: 1 + len(inline)] = inline
         multihost_utils.broadcast_one_to_all(first)
-        rest = data[len(inline):]
+        rest = words[len(inline):]
         if len(rest):
-            buffer = np.zeros(next_pow2(len(rest)), np.uint8)
+            buffer = np.zeros(next_pow2(len(rest)), np.int32)
             buffer[: len(rest)] = rest
             multihost_utils.broadcast_one_to_all(buffer)
 
     def receive(self) -> tuple[str, tuple, dict]:
         """The next command (blocks until node 0 sends one)."""
-        first = multihost_utils.broadcast_one_to_all(np.zeros(FIRST_BYTES, np.uint8))
-        size = int(first[:_LENGTH_BYTES].view("<u4")[0])
-        payload = first[_LENGTH_BYTES: _LENGTH_BYTES + size].tobytes()
-        rest = size - len(payload)
+        first = multihost_utils.broadcast_one_to_all(np.zeros(FIRST_WORDS, np.int32))
+        size = int(first[0])
+        words = first[1: 1 + -(-size // 4)]
+        rest = -(-size // 4) - len(words)
         if rest:
-            payload += multihost_utils.broadcast_one_to_all(np.zeros(next_pow2(rest), np.uint8))[:rest].tobytes()
-        return pickle.loads(payload)
+            more = multihost_utils.broadcast_one_to_all(np.zeros(next_pow2(rest), np.int32))[:rest]
+            words = np.concatenate([words, more])
+        return pickle.loads(words.astype("<i4").tobytes()[:size])
 
     def stop(self) -> None:
         """Tell the followers to exit (once; later calls do nothing)."""

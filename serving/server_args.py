@@ -7,9 +7,8 @@ where the flag means the same thing for us, so existing launch commands work. Ou
 (`server_args_checks.check_server_args`), so a ServerArgs built from Python is checked exactly like one
 built from the command line.
 
-Flags whose feature a later issue brings (multi-host, ...) keep SGLang's names so existing launch
-commands parse, but only at their neutral value: `server_args_checks.NOT_SUPPORTED_YET` lists each with
-that value and the reason it is refused otherwise.
+SGLang's choices of a flag that we do not serve (e.g. `--grammar-backend xgrammar`, `--load-format pt`)
+parse and are refused at start-up with "... is not supported yet".
 
 Defaults that differ from SGLang, and why:
 - `model_path` may be omitted: None means the bundled default model (SmolLM2-135M-Instruct), which

@@ -1,11 +1,11 @@
-"""`ServerArgs` validation: the choice lists, the flags refused until their feature lands
-(`NOT_SUPPORTED_YET`), and `check_server_args`, which `ServerArgs.__post_init__` runs so a ServerArgs
+"""`ServerArgs` validation: the choice lists (with SGLang's choices we refuse as "not supported yet")
+and `check_server_args`, which `ServerArgs.__post_init__` runs so a ServerArgs
 built from Python is checked exactly like one built from the command line."""
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from checkpoints.resolve import LOAD_FORMATS, check_load_format
 from kernels.backends import ATTENTION_BACKENDS, DENSE_BACKENDS, MOE_BACKENDS
@@ -31,10 +31,6 @@ LOAD_FORMAT_CHOICES = LOAD_FORMATS  # the formats the resolver tells apart
 LOAD_FORMATS_LATER = ("pt", "npcache", "dummy", "sharded_state", "bitsandbytes", "layered", "remote",
                       "remote_instance")  # SGLang's other choices
 
-# field -> (neutral value, why any other value is refused). At the neutral value the flag changes
-# nothing, which is exactly what the server does today; anything else asks for a feature that is not
-# there, so start-up refuses it rather than silently ignoring it.
-NOT_SUPPORTED_YET: dict[str, tuple[Any, str]] = {}
 
 
 def check_server_args(args: ServerArgs) -> None:
@@ -101,19 +97,8 @@ def check_server_args(args: ServerArgs) -> None:
         raise ValueError(f"--load-format {args.load_format} is not supported yet; use one of "
                          f"{', '.join(LOAD_FORMAT_CHOICES)}.")
     check_load_format(args.model_path, args.load_format)
-    _refuse_features_not_there_yet(args)
     _check_nodes(args)
     _check_chat_template(args)
-
-
-def _refuse_features_not_there_yet(args: ServerArgs) -> None:
-    for name, (neutral, reason) in NOT_SUPPORTED_YET.items():
-        value = getattr(args, name)
-        if value == neutral:
-            continue
-        flag = "--" + name.replace("_", "-")
-        shown = flag if isinstance(value, bool) else f"{flag} {value}"
-        raise ValueError(f"{shown} is not supported yet ({reason}).")
 
 
 def _check_nodes(args: ServerArgs) -> None:

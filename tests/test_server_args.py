@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -12,7 +11,6 @@ import sys
 import pytest
 
 from serving.server_args import ServerArgs, add_cli_args, default_compilation_cache_dir
-from serving.server_args_checks import NOT_SUPPORTED_YET
 
 
 def test_defaults_follow_sglang(monkeypatch):
@@ -114,44 +112,6 @@ def test_flags(argv, field, value):
     assert getattr(ServerArgs.from_cli(argv), field) == value
 
 
-# Flags whose feature a later issue brings (none today: the multi-host flags are served, tests/test_multi_host.py):
-# SGLang's names and aliases still map onto the fields (the parser alone, without ServerArgs' validation) ...
-NOT_YET_FLAGS: list[tuple[list[str], str, object]] = []
-
-
-@pytest.mark.parametrize(("argv", "field", "value"), NOT_YET_FLAGS)
-def test_not_yet_flags_keep_their_names(argv, field, value):
-    parser = argparse.ArgumentParser()
-    add_cli_args(parser)
-    assert getattr(parser.parse_args(argv), field) == value
-
-
-# ... and each is refused at start-up away from its neutral value, with a message naming it.
-@pytest.mark.parametrize(("argv", "field", "value"), NOT_YET_FLAGS)
-def test_not_yet_flags_are_refused_unless_neutral(argv, field, value, capsys):
-    with pytest.raises(SystemExit) as info:
-        ServerArgs.from_cli(argv)
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    flag = "--" + field.replace("_", "-")
-    shown = flag if value is True else f"{flag} {value}"
-    assert f"error: {shown} is not supported yet (" in err, err
-    with pytest.raises(ValueError, match=f"^{shown} is not supported yet"):
-        ServerArgs(**{field: value})
-
-
-def test_every_not_yet_flag_is_tested_and_parses_at_its_neutral_value():
-    assert {field for _, field, _ in NOT_YET_FLAGS} == set(NOT_SUPPORTED_YET)
-    for field, (neutral, reason) in NOT_SUPPORTED_YET.items():
-        default = {f.name: f.default for f in dataclasses.fields(ServerArgs)}[field]
-        assert neutral == default, field  # a plain launch command never trips the table
-        assert getattr(ServerArgs(**{field: neutral}), field) == neutral
-        assert reason and not reason.endswith(".")
-        if neutral is not None and not isinstance(neutral, bool):
-            flag = "--" + field.replace("_", "-")
-            assert getattr(ServerArgs.from_cli([flag, str(neutral)]), field) == neutral
-
-
 def test_load_balance_method_choices(capsys):
     assert ServerArgs.from_cli(["--load-balance-method", "shortest_queue"]).load_balance_method == "shortest_queue"
     with pytest.raises(SystemExit):
@@ -176,10 +136,6 @@ def test_help_promises_nothing_that_is_not_there():
     help_text = " ".join(parser.format_help().split())
     for promise in ("Crash if", "mount /metrics", "and metrics"):
         assert promise not in help_text, promise
-    for action in parser._actions:
-        field = action.dest
-        if field in NOT_SUPPORTED_YET:
-            assert "not supported yet" in action.help, field
 
 
 @pytest.mark.parametrize(

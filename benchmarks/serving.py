@@ -3,6 +3,8 @@
     python benchmarks/serving.py                                  # the full table (~15-25 min on 2 cores)
     python benchmarks/serving.py --dtypes float32 --peers none    # pallas-serve float32 only
     python benchmarks/serving.py --peers llama.cpp --skip-build   # llama.cpp must already be built
+    python benchmarks/serving.py --skip-build --peers llama.cpp --llama-dtypes bfloat16 --concurrency 1 \
+        --prefill-lengths --output -                              # single stream: our two rows, one peer
 
 Every engine gets the same load through HTTP: for each concurrency C, `--num-prompts` requests (default
 max(C, 4)) of `--input-len` random token ids, `--output-len` greedy tokens with EOS ignored, streamed,
@@ -143,8 +145,9 @@ def run_llama(build_dir: Path, model_dir: Path, dtype: str, max_c: int, context:
     finally:
         process.terminate()
         process.wait(30)
-    rates = llama_cpp.prefill_rates(build_dir, gguf, sorted(work["prefill"]), threads)
-    row.note = "llama-bench " + ", ".join(f"pp{n} {rate:.0f} tok/s" for n, rate in sorted(rates.items()))
+    if work["prefill"]:
+        rates = llama_cpp.prefill_rates(build_dir, gguf, sorted(work["prefill"]), threads)
+        row.note = "llama-bench " + ", ".join(f"pp{n} {rate:.0f} tok/s" for n, rate in sorted(rates.items()))
     return row
 
 
@@ -223,6 +226,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES,
                         help="pallas-serve and llama-server rows to run")
     parser.add_argument("--peers", nargs="+", default=list(PEERS), choices=[*PEERS, "none"])
+    parser.add_argument("--llama-dtypes", nargs="+", default=None, choices=DTYPES,
+                        help="llama-server's rows (default: --dtypes), e.g. one peer row beside our two")
     parser.add_argument("--skip-build", action="store_true",
                         help="use the cached llama.cpp build; fail instead of building it (several minutes)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
@@ -276,7 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"copy bandwidth, 2 threads: {bandwidth / 1e9:.1f} GB/s", flush=True)
     rows = [run_ours(model_dir, dtype, max_c, args.server_args, **work) for dtype in args.dtypes]
     if build_dir is not None:
-        rows += [run_llama(build_dir, model_dir, dtype, max_c, context, **work) for dtype in args.dtypes]
+        rows += [run_llama(build_dir, model_dir, dtype, max_c, context, **work)
+                 for dtype in args.llama_dtypes or args.dtypes]
     if "transformers" in args.peers:
         rows.append(run_transformers(model_dir, workload, args.output_len))
     if args.restart_repeats:

@@ -65,6 +65,8 @@ def profile(runner: ModelRunner, batch: HostBatch, top: int) -> None:
     padded = runner._pad(batch, *runner.bucket(len(batch.input_ids), len(batch.kv_lens)))
     hlo = runner._step.lower(runner._param_leaves, runner.kv_pages, padded).compile().as_text()
     op_of = {m.group(1): m.group(2) for m in re.finditer(r"%(\S+) = .*?op_name=\"([^\"]+)\"", hlo)}
+    # Native kernels by their FFI target (dense products apart from attention), not all as `ffi_call`.
+    op_of.update({m.group(1): m.group(2) for m in re.finditer(r"%(\S+) = .*?custom_call_target=\"([^\"]+)\"", hlo)})
     totals: collections.Counter = collections.Counter()
     for plane in data.planes:
         for line in plane.lines:

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels.zeros import zeros
 from model.config import ModelConfig
 
 
@@ -92,10 +93,10 @@ def plan_kv_cache(
 
 
 def allocate_kv_pages(spec: KVCacheSpec, sharding: jax.sharding.Sharding | None = None) -> jax.Array:
-    """A zeroed cache, created in place on `sharding` (each device zeroes only its own shard)."""
-    if sharding is None:
-        return jnp.zeros(spec.shape, spec.dtype)
-    return jax.jit(lambda: jnp.zeros(spec.shape, spec.dtype), out_shardings=sharding)()
+    """A zeroed cache, created in place on `sharding` (default: the first device; each device zeroes only
+    its own shard). On one CPU device its pages are zero-filled by the OS on first touch, not written
+    here (`kernels.zeros`): a start no longer pays for memsetting gigabytes it has not used yet."""
+    return zeros(spec.shape, spec.dtype, sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0]))
 
 
 def params_bytes(params) -> int:

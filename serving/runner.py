@@ -114,8 +114,9 @@ class ModelRunner:
         self.page_size = config.page_size
         self.pages_per_seq = -(-self.context_length // config.page_size)
         self._kv_sharding = self.placement.kv_cache_sharding(self.kv_spec.head_major)
-        # XLA writes the cache's zeros on the calling thread (~3 s for the default model's 5.8 GB here): on a
-        # thread of its own they overlap the rest of start-up; the first use of `kv_pages` waits for them.
+        # Where XLA writes the cache's zeros (a mesh, an accelerator; on one CPU device the OS zero-fills
+        # pages on first touch, serving/kv_cache.py), a thread of its own overlaps them with the rest of
+        # start-up; the first use of `kv_pages` waits for them.
         pool = ThreadPoolExecutor(1, thread_name_prefix="kv-alloc")
         self._kv_pending: Future | None = pool.submit(allocate_kv_pages, self.kv_spec, self._kv_sharding)
         pool.shutdown(wait=False)

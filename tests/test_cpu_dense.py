@@ -58,10 +58,11 @@ def _close(got, want, dtype):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["kn", "nk"])
 @pytest.mark.parametrize("rows", [1, 3, 17, 70])
-@pytest.mark.parametrize("k,n", [(37, 131), (67, 515)])
+@pytest.mark.parametrize("k,n", [(37, 131), (67, 515), (259, 517)])
 def test_kernel_matches_the_reference(rng, dtype, transposed, rows, k, n):
     """Odd K / N: every tile width, the single-vector and scalar column tails, multi-row tiles with a rest,
-    and (67 x 515, 70 rows) enough work to split over the threads."""
+    and enough work to split over the threads (67 x 515 from 70 rows; 259 x 517 from one row, whose
+    blocks of weight rows end off a multiple of four and whose columns end off a whole group)."""
     x = jnp.asarray(rng.standard_normal((rows, k)), dtype)
     w = jnp.asarray(rng.standard_normal((n, k) if transposed else (k, n)) / np.sqrt(k), dtype)
     bias = jnp.asarray(rng.standard_normal(n), dtype)

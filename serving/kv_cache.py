@@ -11,6 +11,7 @@ Which pages belong to whom is host state (`prefix_cache.py`).
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import jax
@@ -97,6 +98,15 @@ def allocate_kv_pages(spec: KVCacheSpec, sharding: jax.sharding.Sharding | None 
     its own shard). On one CPU device its pages are zero-filled by the OS on first touch, not written
     here (`kernels.zeros`): a start no longer pays for memsetting gigabytes it has not used yet."""
     return zeros(spec.shape, spec.dtype, sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+
+
+def kv_pages_future(spec: KVCacheSpec, sharding: jax.sharding.Sharding | None) -> Future:
+    """`allocate_kv_pages` on a thread of its own: where XLA writes the zeros (a mesh, an accelerator), the
+    writing overlaps the rest of start-up; the caller waits on the future at the cache's first use."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="kv-alloc")
+    pending = pool.submit(allocate_kv_pages, spec, sharding)
+    pool.shutdown(wait=False)
+    return pending
 
 
 def params_bytes(params) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
 
@@ -36,7 +36,7 @@ from model.registry import model_class_for
 from serving.config import RuntimeConfig
 from serving.executable_cache import ExecutableCache, PreparedFunction
 from serving.expert_stats import aux_outputs_for
-from serving.kv_cache import KVCacheSpec, allocate_kv_pages, params_bytes, plan_kv_cache
+from serving.kv_cache import KVCacheSpec, allocate_kv_pages, kv_pages_future, params_bytes, plan_kv_cache
 from serving.logprobs import LogprobBatch
 from serving.mesh import device_memory, plan_placement
 from serving.penalties import PenaltyBatch, apply_penalties
@@ -114,12 +114,7 @@ class ModelRunner:
         self.page_size = config.page_size
         self.pages_per_seq = -(-self.context_length // config.page_size)
         self._kv_sharding = self.placement.kv_cache_sharding(self.kv_spec.head_major)
-        # Where XLA writes the cache's zeros (a mesh, an accelerator; on one CPU device the OS zero-fills
-        # pages on first touch, serving/kv_cache.py), a thread of its own overlaps them with the rest of
-        # start-up; the first use of `kv_pages` waits for them.
-        pool = ThreadPoolExecutor(1, thread_name_prefix="kv-alloc")
-        self._kv_pending: Future | None = pool.submit(allocate_kv_pages, self.kv_spec, self._kv_sharding)
-        pool.shutdown(wait=False)
+        self._kv_pending: Future | None = kv_pages_future(self.kv_spec, self._kv_sharding)
         self.last_aux: dict[str, np.ndarray] = {}  # the last step's auxiliary outputs (model.interface)
         self.last_logprobs: dict | None = None  # the last step's logprob numbers, when it computed any
         # The aux outputs the step returns (the expert recorder's), and who gets them after each `run`.

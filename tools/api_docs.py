@@ -52,7 +52,8 @@ ROUTES: dict[str, tuple[str, str]] = {
     "/model_info": ("Model and server", "Same as `/get_model_info`."),
     "/get_server_info": ("Model and server", "Every server argument, token limits, memory pool sizes, version."),
     "/server_info": ("Model and server", "Same as `/get_server_info`."),
-    "/get_load": ("Model and server", "Running and waiting requests, tokens in the KV cache."),
+    "/get_load": ("Model and server", "Running and waiting requests, tokens in the KV cache (one entry per "
+                  "`--dp-size` replica)."),
     "/health": ("Health", "200 while the server is up (no model call)."),
     "/health_generate": ("Health", "200 once the model generates one token (an embedding model encodes)."),
     "/flush_cache": ("Cache and weights", "Empty the radix prefix cache when no request is running "

@@ -39,14 +39,14 @@ from serving.runner import HostBatch, ModelRunner  # noqa: E402
 from serving.server_args import ServerArgs  # noqa: E402
 
 
-def build_batch(mode: str, seqs: int, tokens: int, context: int, prompts: int = 4) -> HostBatch:
+def build_batch(mode: str, seqs: int, tokens: int, context: int, prompts: int = 4, prior: int = 0) -> HostBatch:
     if mode == "decode":
         q_lens, kv_lens = [1] * seqs, [context] * seqs
     else:
         decodes = 60 if mode == "mixed" else 0
         chunk = (tokens - decodes) // prompts
         q_lens = [1] * decodes + [chunk] * (prompts - 1) + [tokens - decodes - (prompts - 1) * chunk]
-        kv_lens = [context] * decodes + q_lens[decodes:]
+        kv_lens = [context] * decodes + [q + prior for q in q_lens[decodes:]]
     positions = np.concatenate([np.arange(k - q, k) for k, q in zip(kv_lens, q_lens, strict=True)])
     pages_each = -(-max(kv_lens) // 16)
     pages = [list(range(i * pages_each, (i + 1) * pages_each)) for i in range(len(q_lens))]
@@ -86,6 +86,8 @@ def main() -> None:
     parser.add_argument("--seqs", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--context", type=int, default=200)
+    parser.add_argument("--prior", type=int, default=0,
+                        help="prefill / mixed: tokens each prompt already has in the cache (a later chunk of a long prompt)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--top", type=int, default=15)
@@ -96,7 +98,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4, help="fresh prompts of a prefill / mixed step")
     args = parser.parse_args()
 
-    batch = build_batch(args.mode, args.seqs, args.tokens, args.context, args.prompts)
+    batch = build_batch(args.mode, args.seqs, args.tokens, args.context, args.prompts, args.prior)
     # A prefill longer than the default chunk runs as one step: the chunk is widened to hold it.
     runners = {}
     for dtype, dense in itertools.product(args.dtype, args.dense_backend):

@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from kernels.dense import dense
@@ -79,8 +80,9 @@ class GatedMLP(nnx.Module):
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None):
-    """Inverse frequencies and the attention factor, following transformers' rope_type variants."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    """Inverse frequencies (float32 numpy: constants, computed at start-up without a jit per op) and the
+    attention factor, following transformers' rope_type variants."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
     if not scaling:
         return inv_freq, 1.0
     kind = scaling.get("rope_type", scaling.get("type"))
@@ -94,11 +96,11 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any
         low_wavelen = old_len / low_freq_factor
         high_wavelen = old_len / high_freq_factor
         wavelen = 2 * math.pi / inv_freq
-        scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
         smooth = (old_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        return jnp.where(medium, smoothed, scaled), 1.0
+        return np.where(medium, smoothed, scaled), 1.0
     if kind == "yarn":
         old_len = float(scaling["original_max_position_embeddings"])
         beta_fast = float(scaling.get("beta_fast") or 32.0)
@@ -111,7 +113,7 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any
         if scaling.get("truncate", True):  # transformers' default: a whole-dimension ramp
             low, high = math.floor(low), math.ceil(high)
         low, high = max(low, 0), min(high, head_dim - 1)
-        ramp = jnp.clip((jnp.arange(head_dim // 2, dtype=jnp.float32) - low) / max(high - low, 1e-3), 0, 1)
+        ramp = np.clip((np.arange(head_dim // 2, dtype=np.float32) - low) / max(high - low, 1e-3), 0, 1)
         extrapolation = 1 - ramp
         inv = (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
         return inv, float(_yarn_attention_factor(scaling, factor))

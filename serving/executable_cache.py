@@ -21,6 +21,7 @@ import os
 import pickle
 import platform
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,10 +40,10 @@ _OWN_JAX_CACHE_KEY = {"xla_embed_ir_in_executable": False}  # XLA's default: cha
 
 
 @functools.cache
-def source_digest(root: Path = REPO) -> str:
-    """sha256 over the sources under `SOURCE_DIRS` (names and bytes); a few ms for this repository."""
+def source_digest(root: Path = REPO, dirs: tuple[str, ...] = SOURCE_DIRS) -> str:
+    """sha256 over the sources under `dirs` (names and bytes); a few ms for this repository."""
     digest = hashlib.sha256()
-    files = sorted(p for d in SOURCE_DIRS for p in (root / d).rglob("*") if p.suffix in SOURCE_SUFFIXES)
+    files = sorted(p for d in dirs for p in (root / d).rglob("*") if p.suffix in SOURCE_SUFFIXES)
     for path in files:
         digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
@@ -87,6 +88,12 @@ class ExecutableCache:
             "\n".join([source_digest(), environment_digest(), context, str(self.device)]).encode()).hexdigest()
         self.hits = 0
         self.misses = 0
+        self._lock = threading.Lock()  # the counters, and one compile at a time (`load_or_compile`)
+        self._here = threading.local()  # misses of the calling thread (`misses_here`)
+
+    def misses_here(self) -> int:
+        """Executables compiled (not loaded) so far by the calling thread: `precompile` loads on several."""
+        return getattr(self._here, "misses", 0)
 
     def path_for(self, name: str, args: tuple) -> Path | None:
         if self.directory is None:
@@ -95,16 +102,30 @@ class ExecutableCache:
         return self.directory / f"{name}-{key}.executable"
 
     def load_or_compile(self, name: str, jitted: Any, args: tuple) -> jax.stages.Compiled:
-        """`jitted`'s executable for `args` (arrays or `jax.ShapeDtypeStruct`s), from disk when cached."""
+        """`jitted`'s executable for `args` (arrays or `jax.ShapeDtypeStruct`s), from disk when cached.
+        Thread-safe: loads run side by side (XLA deserializes without the GIL), compiles one at a time."""
         path = self.path_for(name, args)
         if path is not None and path.exists():
             try:
                 compiled = _deserialize(path.read_bytes(), self.device)
-                self.hits += 1
+                with self._lock:
+                    self.hits += 1
                 return compiled
             except Exception as exc:  # any unreadable entry is recompiled and replaced below
                 logger.warning("recompiling %s: its cached executable %s did not load (%s)", name, path.name, exc)
-        self.misses += 1
+        with self._lock:
+            if path is not None and path.exists():  # another thread compiled it while this one waited
+                try:
+                    compiled = _deserialize(path.read_bytes(), self.device)
+                    self.hits += 1
+                    return compiled
+                except Exception:  # noqa: BLE001 (unreadable: compiled again below)
+                    pass
+            self.misses += 1
+            self._here.misses = self.misses_here() + 1
+            return self._compile(name, jitted, args, path)
+
+    def _compile(self, name: str, jitted: Any, args: tuple, path: Path | None) -> jax.stages.Compiled:
         if path is None:
             return jitted.lower(*args).compile()
         # XLA:CPU executables loaded from JAX's persistent compilation cache do not survive being serialized

@@ -86,7 +86,9 @@ class ReplicaSet:
         for rank, devices in enumerate(groups):
             if len(groups) > 1:
                 logger.info("Loading replica %d of %d on %s", rank, len(groups), ", ".join(map(str, devices)))
-            runner = runner_class(model_dir, runtime, executable_cache_dir=executable_cache_dir, devices=devices)
+            runner = runner_class(model_dir, runtime, executable_cache_dir=executable_cache_dir, devices=devices,
+                                  params_cache_dir=None if executable_cache_dir is None
+                                  else executable_cache_dir.parent / "params")
             self.replicas.append(Replica(rank, runner))
 
     def prepare(self, args: ServerArgs, runtime: RuntimeConfig, token_bitmask_width: int | None) -> None:

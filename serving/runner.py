@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from serving.expert_stats import aux_outputs_for
 from serving.kv_cache import KVCacheSpec, allocate_kv_pages, kv_pages_future, params_bytes, plan_kv_cache
 from serving.logprobs import LogprobBatch
 from serving.mesh import device_memory, plan_placement
+from serving.params_cache import ParamsCache
 from serving.penalties import PenaltyBatch, apply_penalties
 from serving.sampler import SamplingBatch, sample
 from serving.steps import (
@@ -57,9 +59,10 @@ logger = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, model_dir: Path, config: RuntimeConfig, executable_cache_dir: Path | None = None,
-                 devices: list | None = None):
+                 devices: list | None = None, params_cache_dir: Path | None = None):
         """`devices`: the device group this runner's params and cache go on (a data-parallel replica's,
-        serving/replicas.py); default all of `jax.devices()`, the first `tp x ep` of them used."""
+        serving/replicas.py); default all of `jax.devices()`, the first `tp x ep` of them used.
+        `params_cache_dir`: where arranged params are kept for the next start (serving/params_cache.py)."""
         self.model_dir = Path(model_dir)
         self.runtime = config
         self.config = ModelConfig.from_dir(self.model_dir)
@@ -96,7 +99,9 @@ class ModelRunner:
         # Each param's sharding, fixed for the server's life: a swap or a resume places new params there too.
         self._param_shardings = self.placement.param_shardings(self._served_abstract)
         self._load_shardings = self.placement.load_shardings(self._param_shardings)
-        self.params, self._bound = self._arrange(self._load(self.model_dir))
+        self.params_file: Path | None = None  # the arranged-params file the params were mapped from
+        self.params_saving = None  # the thread writing that file for the next start
+        self.params, self._bound = self._load_arranged(params_cache_dir if self.placement.mesh is None else None)
         self.weight_bytes = params_bytes(self.params)
         per_device_weights = max(entry["weights_bytes"] for entry in device_memory(self.placement, self.params, None))
         # Linear layers and the LM head: the native CPU kernel or XLA's dot, for every jit below (`_jit`).
@@ -197,6 +202,28 @@ class ModelRunner:
 
     def _load(self, model_dir: Path):
         return load_checkpoint(self._abstract, model_dir, self.dtype, sharding_for=self._load_shardings.__getitem__)
+
+    def _load_arranged(self, cache_dir: Path | None):
+        """(params, bound): from the arranged-params file of a previous start when there is one, else read
+        from the checkpoint, arranged, and written there for the next start (in the background)."""
+        cache = ParamsCache(cache_dir, self.model_dir, f"{self.model_class.__name__}\n{self.config!r}\n"
+                            f"{self.runtime!r}\n{jnp.dtype(self.dtype).name}")
+        if cache.path is not None and cache.path.exists():
+            bound = []
+
+            def arrange(state):
+                params, static = self._arrange(state)
+                bound.append(static)
+                return params
+
+            params = cache.load(jax.eval_shape(arrange, nnx.state(self._abstract, nnx.Param)), self.placement.devices[0])
+            if params is not None:
+                logger.info("Arranged params read from %s", cache.path)
+                self.params_file = cache.path
+                return params, bound[0]
+        params, bound = self._arrange(self._load(self.model_dir))
+        self.params_saving = cache.save_in_background(params)
+        return params, bound
 
     def _arrange(self, state):
         """Params arranged for the step (KV heads replicated where the placement says); unfused on a mesh
@@ -352,15 +379,21 @@ class ModelRunner:
         start = time.perf_counter()
         empty = HostBatch(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32), [],
                           np.zeros(0, np.int32), {})
-        for tokens, seqs in tqdm(self.buckets(), desc="Compiling step buckets", disable=not progress):
-            batch = self._pad(empty, tokens, seqs)
-            if self.pooling is None and self._executables.directory is None:
-                self._warm_jits(batch, token_bitmask_width)
-                continue
-            if self.pooling is not None:
-                jax.block_until_ready(self._run_pooled(batch, 0, empty.q_lens, *self.pooling))
-                continue
-            misses = self._executables.misses
+        batches = [self._pad(empty, tokens, seqs) for tokens, seqs in self.buckets()]
+        bar = tqdm(total=len(batches), desc="Compiling step buckets", disable=not progress)
+        if self.pooling is not None or self._executables.directory is None:
+            for batch in batches:
+                if self.pooling is not None:
+                    jax.block_until_ready(self._run_pooled(batch, 0, empty.q_lens, *self.pooling))
+                else:
+                    self._warm_jits(batch, token_bitmask_width)
+                bar.update()
+            bar.close()
+            return time.perf_counter() - start
+
+        def prepare(batch: StepBatch) -> bool:
+            """Load (or compile) one bucket's executables; whether any had to be compiled."""
+            misses = self._executables.misses_here()
             # The cache by its shape: its zeros may still be being written (`__init__`).
             cache = jax.ShapeDtypeStruct(self.kv_spec.shape, self.kv_spec.dtype, sharding=self._kv_sharding)
             (_, raw_logits, _), kv, _ = self._step.prepare(self._param_leaves, cache, batch).out_info
@@ -370,7 +403,15 @@ class ModelRunner:
                 (raw_logits.shape[0], token_bitmask_width), jnp.int32)]
             for bitmask in variants:
                 self._resample.prepare(raw_logits, batch.sampling, bitmask)
-            if self._executables.misses > misses:
+            bar.update()
+            return self._executables.misses_here() > misses
+
+        # Cached executables load on several threads (a warm restart's largest part, serving/executable_cache.py).
+        with ThreadPoolExecutor(min(4, os.cpu_count() or 1, len(batches)), thread_name_prefix="precompile") as pool:
+            compiled = list(pool.map(prepare, batches))
+        bar.close()
+        for batch, was_compiled in zip(batches, compiled, strict=True):
+            if was_compiled:  # a fresh compile runs once on an all-padding batch that writes nothing
                 _, raw_logits, _ = jax.block_until_ready(self._run(self._step, batch, 0))
                 jax.block_until_ready(self._resample(raw_logits, batch.sampling, None))
         logger.info("Step executables: %d loaded from the cache, %d compiled", self._executables.hits,

@@ -13,6 +13,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.append(str(BENCHMARKS))  # last: benchmarks/serving.py must not shadow the `serving` package
 
 import copy_bandwidth  # noqa: E402
+import cpu_attention  # noqa: E402
 import llama_cpp  # noqa: E402
 import restart  # noqa: E402
 
@@ -77,3 +78,14 @@ def test_llama_cpp_protocol(tmp_path, monkeypatch):
 
 def test_copy_bandwidth_runs():
     assert copy_bandwidth.copy_bandwidth(threads=2, megabytes=4, repeats=2) > 0
+
+
+def test_cpu_attention_table(capsys):
+    """The attention benchmark on its smallest shape, once (it runs the kernel: skipped where it does not build)."""
+    from kernels.attention import cpu
+    if not cpu.available():
+        pytest.skip(f"the CPU attention kernel is unavailable: {cpu._load()}")
+    cpu_attention.main(["--shapes", "prefill", "--dtypes", "float32", "--repeats", "1"])
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| shape | cache dtype | this kernel ms")
+    assert table[2].startswith("| prefill 128 on 0 x 4 | float32 |")

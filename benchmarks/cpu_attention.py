@@ -1,16 +1,17 @@
 """Time the native CPU attention kernel on one layer, by step shape (not a test).
 
-    python benchmarks/cpu_attention.py                         # the shapes below, float32 and bfloat16 cache
-    python benchmarks/cpu_attention.py --baseline /tmp/old.cc  # against another build of the kernel, alternating
-    git show HEAD~3:kernels/attention/cpu_attention.cc > /tmp/old.cc   # (a baseline from history)
+    python benchmarks/cpu_attention.py                  # the shapes below, float32 and bfloat16 cache
+    python benchmarks/cpu_attention.py --reference      # and the jnp reference beside it, alternating
 
 Shapes are the default model's attention (9 query heads, 3 KV heads, head_dim 64, pages of 16, the
 serving layout with K^T pages): `chunk` is one prompt's 512 new tokens on `--prior` cached ones (the
 last chunk of a 4,096-token prompt under the CPU's 512-token chunked prefill: the quadratic part of a
 long prefill), `prefill` 4 fresh prompts of 128, `decode` 64 sequences of one token on 200 cached.
 Each row gives the median ms of one layer's call, the attention GFLOP/s (4 * head_dim flops per visible
-(query head, key) pair) and, with `--baseline`, the same for the other source built and registered under
-another FFI target in this process; the two alternate, so a busy machine slows both alike.
+(query head, key) pair) and, with `--reference`, the same for the jnp reference (`reference.attend`, what
+the kernel is tested against) on the same inputs; the two alternate, so a busy machine slows both alike.
+(A second build of the kernel registered under another FFI target in the same process ran the first
+build's code here, so an A/B of two kernel sources needs two processes.)
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import native_build  # noqa: E402
 from kernels.attention import cpu  # noqa: E402
 from kernels.attention.cache_layout import storage_dtype  # noqa: E402
+from kernels.attention.reference import attend  # noqa: E402
 
 Q_HEADS, KV_HEADS, HEAD_DIM, PAGE = 9, 3, 64, 16
 
@@ -51,16 +52,20 @@ def case(name: str, prior: int, dtype, rng):
     pages_each = -(-max(kv_lens) // PAGE)
     pages = np.arange(len(q_lens) * pages_each, dtype=np.int32).reshape(len(q_lens), pages_each)
     rng.shuffle(pages.reshape(-1))  # scattered, as a served cache's pages are
-    cache = rng.standard_normal((1, pages.size, 2 * KV_HEADS, PAGE, HEAD_DIM), np.float32)
-    cache = jnp.asarray(cache, dtype)
-    if dtype == jnp.bfloat16:
-        cache = jax.lax.bitcast_convert_type(cache, storage_dtype(dtype))
+    plain = rng.standard_normal((1, pages.size, 2 * KV_HEADS, PAGE, HEAD_DIM), np.float32)
+    transposed = plain.copy()  # the serving layout: each page's K block holds K^T
+    transposed[:, :, 0::2] = plain[:, :, 0::2].swapaxes(-1, -2).reshape(plain[:, :, 0::2].shape)
+
+    def stored(cache):
+        cache = jnp.asarray(cache, dtype)
+        return jax.lax.bitcast_convert_type(cache, storage_dtype(dtype)) if dtype == jnp.bfloat16 else cache
     f32 = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
-    args = (f32(tokens, Q_HEADS, HEAD_DIM), f32(tokens, KV_HEADS, HEAD_DIM), f32(tokens, KV_HEADS, HEAD_DIM), cache, 0,
-            jnp.asarray(kv_lens, jnp.int32), jnp.asarray(pages), jnp.asarray(np.cumsum([0, *q_lens]), jnp.int32),
-            len(q_lens))
+    q, k, v = f32(tokens, Q_HEADS, HEAD_DIM), f32(tokens, KV_HEADS, HEAD_DIM), f32(tokens, KV_HEADS, HEAD_DIM)
+    rest = (0, jnp.asarray(kv_lens, jnp.int32), jnp.asarray(pages), jnp.asarray(np.cumsum([0, *q_lens]), jnp.int32),
+            jnp.asarray([len(q_lens)], jnp.int32))
     pairs = sum(q * c + q * (q + 1) // 2 for q, c in zip(q_lens, cached, strict=True))
-    return args, 4 * HEAD_DIM * Q_HEADS * pairs
+    # (the kernel's arguments: K^T pages; the reference's: the same values in the plain layout)
+    return (q, k, v, stored(transposed), *rest), (q, k, v, stored(plain), *rest), 4 * HEAD_DIM * Q_HEADS * pairs
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,40 +75,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prior", type=int, default=3584)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--baseline", type=Path, help="another cpu_attention.cc to time beside this one")
+    parser.add_argument("--reference", action="store_true", help="time the jnp reference beside the kernel")
     args = parser.parse_args(argv)
     if not cpu.available():
         sys.exit(f"the CPU attention kernel is unavailable: {cpu._load()}")
-    kernels = {"this kernel": cpu._TARGET}
-    if args.baseline:
-        target = "pallas_serve_paged_attention_cpu_baseline"
-        error = native_build.load(args.baseline.resolve(), {target: "PagedAttentionF32"})
-        if error:
-            sys.exit(f"the baseline kernel is unavailable: {error}")
-        kernels["baseline"] = target
+    kernels = ["kernel", "reference"] if args.reference else ["kernel"]
     rng = np.random.default_rng(0)
     print(f"| shape | cache dtype | {' | '.join(f'{k} ms | {k} GFLOP/s' for k in kernels)} |"
-          + (" speed-up |" if args.baseline else "") + "\n|---|---|" + "---|---|" * len(kernels)
-          + ("---|" if args.baseline else ""))
+          + (" kernel speed-up |" if args.reference else "") + "\n|---|---|" + "---|---|" * len(kernels)
+          + ("---|" if args.reference else ""))
     for name in args.shapes:
         for dtype_name in args.dtypes:
-            call_args, flops = case(name, args.prior, jnp.dtype(dtype_name), rng)
-            runs = {k: jax.jit(functools.partial(cpu.attend, sm_scale=HEAD_DIM ** -0.5, k_transposed=True, target=t))
-                    for k, t in kernels.items()}
-            outs = {k: jax.block_until_ready(run(*call_args)) for k, run in runs.items()}
-            if args.baseline:
-                err = float(jnp.abs(outs["this kernel"] - outs["baseline"]).max())
+            kernel_args, plain_args, flops = case(name, args.prior, jnp.dtype(dtype_name), rng)
+            call_args = {"kernel": kernel_args, "reference": plain_args}
+            runs = {"kernel": jax.jit(functools.partial(cpu.attend, sm_scale=HEAD_DIM ** -0.5, k_transposed=True)),
+                    "reference": jax.jit(functools.partial(attend, sm_scale=HEAD_DIM ** -0.5))}
+            runs = {k: runs[k] for k in kernels}
+            outs = {k: jax.block_until_ready(run(*call_args[k])) for k, run in runs.items()}
+            if args.reference:
+                err = float(jnp.abs(outs["kernel"] - outs["reference"]).max())
                 if err > 1e-3:
-                    sys.exit(f"{name} {dtype_name}: the two kernels disagree by {err}")
+                    sys.exit(f"{name} {dtype_name}: the kernel and the reference disagree by {err}")
             times = {k: [] for k in runs}
             for _ in range(args.repeats):
                 for k, run in runs.items():
                     start = time.perf_counter()
-                    jax.block_until_ready(run(*call_args))
+                    jax.block_until_ready(run(*call_args[k]))
                     times[k].append(time.perf_counter() - start)
             ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
             cells = " | ".join(f"{ms[k]:.2f} | {flops / ms[k] / 1e6:.1f}" for k in kernels)
-            ratio = f" {ms['baseline'] / ms['this kernel']:.2f}x |" if args.baseline else ""
+            ratio = f" {ms['reference'] / ms['kernel']:.2f}x |" if args.reference else ""
             label = f"{name} {shape(name, args.prior)[0][0]} on {shape(name, args.prior)[1][0]}"
             print(f"| {label} x {len(shape(name, args.prior)[0])} | {dtype_name} | {cells} |{ratio}", flush=True)
 

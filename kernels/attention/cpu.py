@@ -50,7 +50,7 @@ LAYOUTS = {"token_major": 0, "head_major": 1, "head_major_kt": 2}
 
 
 def _call(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale, sliding_window,
-          soft_cap, layout: str, target: str = _TARGET):
+          soft_cap, layout: str):
     if _load() is not None:
         raise RuntimeError(f"the CPU attention kernel is unavailable: {_load()}")
     cache_dtype = value_dtype(kv_pages.dtype)  # uint16 storage holds bfloat16
@@ -59,7 +59,7 @@ def _call(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs, 
     i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
     # As the reference: the step's own K/V are rounded to the cache dtype (a no-op for float32).
     own = lambda x: x.astype(cache_dtype).astype(jnp.float32)  # noqa: E731
-    out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")(
+    out = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")(
         q.astype(jnp.float32), own(k), own(v), kv_pages, i32(layer).reshape(1), i32(kv_lens), i32(page_indices), i32(cu_q_lens),
         i32(num_seqs).reshape(1), sm_scale=np.float32(sm_scale), sliding_window=np.int64(sliding_window or 0),
         soft_cap=np.float32(soft_cap or 0.0), layout=np.int64(LAYOUTS[layout]))
@@ -68,7 +68,7 @@ def _call(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs, 
 
 def attend(q, k, v, kv_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale: float,
            sliding_window: int | None = None, soft_cap: float | None = None, k_transposed: bool = False,
-           target: str = _TARGET, **_reference_only):
+           **_reference_only):
     """`reference.attend` on the kernel: head-major cache `[layers, pages, 2 * kv_heads, page_size, D]`,
     read only. `k_transposed`: the serving layout, where each page's K block holds K^T (`[D, page_size]`
     in the same `page_size * D` floats, as `reference.write_kv_layers(k_transposed=True)` writes it), which

@@ -57,7 +57,7 @@ def case(name: str, prior: int, dtype, rng):
     transposed[:, :, 0::2] = plain[:, :, 0::2].swapaxes(-1, -2).reshape(plain[:, :, 0::2].shape)
 
     def stored(cache):
-        cache = jnp.asarray(cache, dtype)
+        cache = jnp.asarray(cache, dtype).copy()  # XLA-owned, as a served cache is (not numpy memory aliased)
         return jax.lax.bitcast_convert_type(cache, storage_dtype(dtype)) if dtype == jnp.bfloat16 else cache
     f32 = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
     q, k, v = f32(tokens, Q_HEADS, HEAD_DIM), f32(tokens, KV_HEADS, HEAD_DIM), f32(tokens, KV_HEADS, HEAD_DIM)

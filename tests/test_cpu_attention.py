@@ -107,30 +107,42 @@ def test_kernel_under_a_layer_scan_and_padding(rng):  # noqa: F811
 
 
 @needs_kernel
-@pytest.mark.parametrize("page_size,dtype", [(8, jnp.float32), (16, jnp.float32), (32, jnp.float32),
-                                             (16, jnp.bfloat16)])
-def test_serving_layout_with_transposed_keys(rng, page_size, dtype):  # noqa: F811
+@pytest.mark.parametrize("page_size,dtype,length", [(8, jnp.float32, "short"), (16, jnp.float32, "short"),
+                                                    (32, jnp.float32, "short"), (16, jnp.bfloat16, "short"),
+                                                    (16, jnp.float32, "long"), (16, jnp.bfloat16, "long"),
+                                                    (16, jnp.float32, "long window")])
+def test_serving_layout_with_transposed_keys(rng, page_size, dtype, length):  # noqa: F811
     """The CPU serving path: `write_kv_layers(k_transposed=True)` writes, `attend(k_transposed=True)` reads
     (in place for pages of 16 or more tokens, through a copy below that); same outputs as the reference
-    reading the plain head-major cache written from the same K/V."""
+    reading the plain head-major cache written from the same K/V. "long": a prompt chunk on a few hundred
+    cached tokens, a decode and a fresh prompt of several query blocks, so the kernel's 64-key blocks come
+    whole (every query row sees every key), on the diagonal and, with a window, cut at both ends."""
     from kernels.attention.cache_layout import cache_values, storage_dtype, token_layout, write_kv_layers
 
     num_layers, kv_heads, group, head_dim = 2, 2, 3, 64
-    lens = random_lens(rng, page_size, ["decode", "chunk", "prefill", "aligned"])
+    pages_per_seq = 10
+    if length == "short":
+        lens = random_lens(rng, page_size, ["decode", "chunk", "prefill", "aligned"])
+    else:
+        lens = [(int(rng.integers(260, 400)), int(rng.integers(40, 100))), (int(rng.integers(200, 300)), 1),
+                (0, int(rng.integers(70, 130)))]
+        pages_per_seq = 32
     num_tokens = sum(n for _, n in lens) + 2
     case = make_case(rng, lens, max_seqs=5, num_tokens=num_tokens, num_kv_heads=kv_heads, group=group,
-                     head_dim=head_dim, page_size=page_size, pages_per_seq=10, num_pages=48, dtype=jnp.float32,
-                     num_layers=num_layers)
+                     head_dim=head_dim, page_size=page_size, pages_per_seq=pages_per_seq,
+                     num_pages=pages_per_seq * 5, dtype=jnp.float32, num_layers=num_layers)
     q, k, v, cache, _, kv_lens, pages, cu, num_seqs = case.clean_args()
     # As the runner stores it (bfloat16 as uint16 bits), under float32 q / k / v.
     head_major = jnp.zeros(cache.transpose(0, 1, 3, 2, 4).shape, storage_dtype(dtype))
     # Every cached position of every layer gets random K/V through the writer under test.
-    context = jnp.asarray(rng.standard_normal((num_layers, num_tokens, 2 * kv_heads, head_dim)), jnp.float32)
+    context_tokens = max(num_tokens, sum(c for c, _ in lens))
+    context = jnp.asarray(rng.standard_normal((num_layers, context_tokens, 2 * kv_heads, head_dim)), jnp.float32)
     prior_q = jnp.asarray([c for c, _ in lens] + [0] * (5 - len(lens)), jnp.int32)
     prior_cu = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(prior_q)]).astype(jnp.int32)
-    layout = token_layout(prior_q, prior_cu, num_seqs, num_tokens)
+    layout = token_layout(prior_q, prior_cu, num_seqs, context_tokens)
     written = {kt: write_kv_layers(head_major, context, pages, *layout, k_transposed=kt) for kt in (False, True)}
-    options = dict(sm_scale=0.125, sliding_window=int(rng.integers(3, 40)))
+    window = {"short": int(rng.integers(3, 40)), "long": None, "long window": int(rng.integers(60, 250))}[length]
+    options = dict(sm_scale=0.125, sliding_window=window)
     for layer in range(num_layers):
         want = attend(q, k, v, written[False], layer, kv_lens, pages, cu, num_seqs, **options)
         got = cpu.attend(q, k, v, written[True], layer, kv_lens, pages, cu, num_seqs, k_transposed=True, **options)

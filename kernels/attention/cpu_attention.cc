@@ -11,11 +11,16 @@
 // it is still in L1.
 //
 // Work is split into items (sequence, block of up to kQueryBlock of its new tokens, KV head), spread
-// over threads by an atomic counter. Keys are taken 16 at a time, transposed (`kT[d][j]`), so a query
-// row's 16 scores are one vector accumulated over d with no horizontal sums; four query rows share each
-// load. The serving layout (`kLayoutHeadMajorKT`) stores K pages transposed, so they are read in place;
-// other layouts and the step's own keys are transposed into a small buffer first. All indices read from
-// the metadata are clamped: bad metadata can give wrong numbers, never an out-of-bounds read.
+// over threads by an atomic counter, largest first. Keys come in chunks of 16, transposed (`kT[d][j]`),
+// so a query row's 16 scores are one vector accumulated over d with no horizontal sums, and chunks are
+// folded a block of up to 64 keys at a time (flash-attention style, in registers through GCC / Clang
+// vector extensions: zmm with AVX-512, else 8-float vectors): Q.K^T for 8 (AVX2: 4) query rows per key
+// load, one online-softmax rescale per row per block, masks only in blocks that some row does not see
+// whole (the diagonal, a window's edge, a partial page), and P.V with 4 rows x 64 outputs held in
+// registers across the block's keys. The serving layout (`kLayoutHeadMajorKT`) stores K pages
+// transposed, so they are read in place; the step's own keys are transposed once per call, other
+// layouts chunk by chunk into a small buffer. All indices read from the metadata are clamped: bad
+// metadata can give wrong numbers, never an out-of-bounds read.
 
 #include <sched.h>
 
@@ -35,7 +40,6 @@ namespace {
 
 constexpr int64_t kQueryBlock = 16;       // new tokens of one sequence per work item
 constexpr int64_t kLanes = 16;            // keys per chunk: one score vector
-constexpr int64_t kRowGroup = 4;          // query rows that share each key load
 constexpr int64_t kThreadWork = 1 << 15;  // (query row x key) pairs below which one thread is enough
 
 // Cache layouts (the `layout` attribute), [layers, pages, ...] then:
@@ -82,12 +86,97 @@ struct Item {
   int64_t seq_start, prior;   // the sequence's first new token, its cached context length
 };
 
+// Native vectors through GCC / Clang vector extensions: one zmm with AVX-512, else 8 floats (two ymm
+// halves of a chunk's 16 lanes with AVX2, two q registers on ARM).
+#if defined(__AVX512F__)
+constexpr int kVL = 16;
+#else
+constexpr int kVL = 8;
+#endif
+typedef float vec __attribute__((vector_size(kVL * 4)));
+typedef int32_t ivec __attribute__((vector_size(kVL * 4)));
+typedef uint32_t uvec __attribute__((vector_size(kVL * 4)));
+typedef uint16_t hvec __attribute__((vector_size(kVL * 2)));
+constexpr int kScoreVecs = kLanes / kVL;  // vectors per row of a chunk's scores
+constexpr int kScoreRows = kVL == 16 ? 8 : 4;  // query rows per pass of Q.K^T: 8 accumulators
+constexpr int kValueRows = 4;                  // query rows per pass of P.V
+constexpr int kValueVecs = kVL == 16 ? 4 : 2;  // output vectors per row per pass of P.V
+
+inline vec splat(float x) { return vec{} + x; }
+inline vec load(const float* p) {
+  vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline vec load(const uint16_t* p) {  // bfloat16 bits, widened
+  hvec h;
+  std::memcpy(&h, p, sizeof h);
+  const uvec u = __builtin_convertvector(h, uvec) << 16;
+  vec v;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
+inline float hmax(vec v) {
+  float m = v[0];
+  for (int i = 1; i < kVL; ++i) m = std::max(m, v[i]);
+  return m;
+}
+inline float hsum(vec v) {
+  float s = 0.0f;
+  for (int i = 0; i < kVL; ++i) s += v[i];
+  return s;
+}
+inline vec vmax(vec a, vec b) { return a > b ? a : b; }
+
+// exp_nonpositive on a vector. n = round(x / ln 2) by truncating 0.5 - x / ln 2 >= 0 (float-to-int
+// conversion truncates; the 1.5 * 2^23 trick is folded away under -fassociative-math).
+inline vec vexp_nonpositive(vec x) {
+  x = vmax(x, splat(-87.0f));
+  const ivec neg_n = __builtin_convertvector(0.5f - x * 1.4426950408889634f, ivec);
+  const vec n = -__builtin_convertvector(neg_n, vec);
+  const vec r = x - n * 0.693145751953125f - n * 1.4286068203094172e-06f;
+  vec p = splat(1.0f / 720.0f);
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const ivec bits = (127 - neg_n) << 23;
+  vec scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// Keys are folded a block at a time: up to kBlockChunks chunks of up to 16 keys at consecutive
+// positions (whole pages of the cache, or runs of the step's own keys), one softmax rescale per row
+// per block. A chunk: K transposed (`kt[d * kt_stride + j]`, 16 readable lanes per row; lanes >= nk
+// are masked) and V rows `v_stride` elements apart, float or bfloat16 bits widened as loaded.
+constexpr int kBlockChunks = 4;
+constexpr int64_t kBlockKeys = kBlockChunks * kLanes;
+
+template <typename KT, typename VT>
+struct Chunk {
+  const KT* kt;
+  int64_t kt_stride;
+  const VT* v;
+  int64_t v_stride, nk, kpos0;
+};
+
+template <typename KT, typename VT>
+struct Block {
+  Chunk<KT, VT> c[kBlockChunks];
+  int n = 0;
+};
+
 // Online-softmax state and scratch of one work item.
 struct State {
-  std::vector<float> q, m, l, acc, kt;
+  std::vector<float> q, m, l, corr, acc, s, kt;
   explicit State(const Problem& p)
       : q(kQueryBlock * p.group * p.head_dim), m(kQueryBlock * p.group), l(kQueryBlock * p.group),
-        acc(kQueryBlock * p.group * p.head_dim), kt(p.head_dim * kLanes) {}
+        corr(kQueryBlock * p.group), acc(kQueryBlock * p.group * p.head_dim), s(kQueryBlock * p.group * kBlockKeys),
+        kt(kBlockChunks * p.head_dim * kLanes) {}
 };
 
 // Cache elements: float32, or bfloat16 stored as its 16 high bits.
@@ -99,106 +188,171 @@ inline float widen(uint16_t x) {
   return f;
 }
 
-// A chunk of up to 16 keys at positions [kpos0, kpos0 + nk): K transposed (`kt[d * kt_stride + j]`,
-// 16 readable lanes per row; lanes >= nk are masked) and V rows `v_stride` elements apart. Elements are
-// float, or bfloat16 bits widened as they are loaded (no copy of the chunk).
-template <typename KT, typename VT>
-struct Chunk {
-  const KT* kt;
-  int64_t kt_stride;
-  const VT* v;
-  int64_t v_stride, nk, kpos0;
-};
+// Scores of `R` query rows (`q`, D apart) against one chunk, into `s` (rows `W` apart).
+template <int64_t kD, int R, typename KT>
+inline void chunk_scores(const float* q, int64_t D, const KT* kt, int64_t kt_stride, float* s, int64_t W) {
+  vec acc[R][kScoreVecs] = {};
+  for (int64_t d = 0; d < (kD > 0 ? kD : D); ++d) {
+    vec k[kScoreVecs];
+    for (int n = 0; n < kScoreVecs; ++n) k[n] = load(kt + d * kt_stride + n * kVL);
+    for (int i = 0; i < R; ++i) {
+      const vec qd = splat(q[i * D + d]);
+      for (int n = 0; n < kScoreVecs; ++n) acc[i][n] += qd * k[n];
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int n = 0; n < kScoreVecs; ++n) store(s + i * W + n * kVL, acc[i][n]);
+}
 
-// Fold a chunk into `R` query rows starting at `r0`. `kD` > 0 fixes head_dim at compile time.
-template <int64_t kD, int R, typename KT, typename VT>
-void fold_rows(const Problem& p, const Item& it, State& st, const Chunk<KT, VT>& c, int64_t r0) {
-  const int64_t D = kD > 0 ? kD : p.head_dim;
-  int64_t lo[R], hi[R];
-  bool any = false;
-  for (int i = 0; i < R; ++i) {
-    const int64_t qpos = it.prior + (it.t0 - it.seq_start) + (r0 + i) / p.group;
-    // Visible keys: kpos <= qpos, and kpos > qpos - window.
-    hi[i] = std::min<int64_t>(c.nk, qpos - c.kpos0 + 1);
-    lo[i] = p.window > 0 ? std::max<int64_t>(0, qpos - p.window + 1 - c.kpos0) : 0;
-    any |= hi[i] > lo[i];
-  }
-  if (!any) return;
-  float s[R][kLanes] = {};
-  const float* q = st.q.data() + r0 * D;
-  for (int64_t d = 0; d < D; ++d) {
-    const KT* kt = c.kt + d * c.kt_stride;
-    float k_row[kLanes];
-#pragma omp simd
-    for (int j = 0; j < kLanes; ++j) k_row[j] = widen(kt[j]);
-    for (int i = 0; i < R; ++i) {
-      const float qd = q[i * D + d];
-#pragma omp simd
-      for (int j = 0; j < kLanes; ++j) s[i][j] += qd * k_row[j];
-    }
-  }
-  for (int i = 0; i < R; ++i) {
-    if (hi[i] <= lo[i]) {
-      for (int j = 0; j < kLanes; ++j) s[i][j] = 0.0f;
-      continue;
-    }
-    if (p.soft_cap > 0.0f)
-      for (int j = 0; j < kLanes; ++j) s[i][j] = p.soft_cap * std::tanh(s[i][j] / p.soft_cap);
-    float mx = -INFINITY;
-    for (int j = 0; j < kLanes; ++j)
-      if (j >= lo[i] && j < hi[i]) mx = std::max(mx, s[i][j]);
-    const int64_t r = r0 + i;
-    const float m_old = st.m[r];
-    const float m_new = std::max(m_old, mx);
-    const float correction = m_old == -INFINITY ? 0.0f : exp_nonpositive(m_old - m_new);
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int j = 0; j < kLanes; ++j) {
-      const float e = exp_nonpositive(s[i][j] - m_new);
-      s[i][j] = (j >= lo[i] && j < hi[i]) ? e : 0.0f;  // a select: masked lanes may hold NaN
-      sum += s[i][j];
-    }
-    st.l[r] = st.l[r] * correction + sum;
-    st.m[r] = m_new;
-    float* acc = st.acc.data() + r * D;
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) acc[d] *= correction;
-  }
-  float* acc = st.acc.data() + r0 * D;
-  for (int64_t j = 0; j < c.nk; ++j) {
-    const VT* v = c.v + j * c.v_stride;
-    for (int i = 0; i < R; ++i) {
-      const float pj = s[i][j];
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) acc[i * D + d] += pj * widen(v[d]);
+template <int64_t kD, typename KT, typename VT>
+void block_scores(const float* q, int64_t D, const Block<KT, VT>& b, float* s, int64_t rows) {
+  const int64_t W = kBlockKeys;
+  for (int ci = 0; ci < b.n; ++ci) {
+    const Chunk<KT, VT>& c = b.c[ci];
+    int64_t r = 0;
+    for (; r + kScoreRows <= rows; r += kScoreRows)
+      chunk_scores<kD, kScoreRows>(q + r * D, D, c.kt, c.kt_stride, s + r * W + ci * kLanes, W);
+    const float* qr = q + r * D;
+    float* sr = s + r * W + ci * kLanes;
+    switch (rows - r) {  // the rows left over: a decode step's `group` rows, say
+      case 7: chunk_scores<kD, 7>(qr, D, c.kt, c.kt_stride, sr, W); break;
+      case 6: chunk_scores<kD, 6>(qr, D, c.kt, c.kt_stride, sr, W); break;
+      case 5: chunk_scores<kD, 5>(qr, D, c.kt, c.kt_stride, sr, W); break;
+      case 4: chunk_scores<kD, 4>(qr, D, c.kt, c.kt_stride, sr, W); break;
+      case 3: chunk_scores<kD, 3>(qr, D, c.kt, c.kt_stride, sr, W); break;
+      case 2: chunk_scores<kD, 2>(qr, D, c.kt, c.kt_stride, sr, W); break;
+      case 1: chunk_scores<kD, 1>(qr, D, c.kt, c.kt_stride, sr, W); break;
+      default: break;
     }
   }
 }
 
+// acc[R rows][d0, d0 + V * kVL) = acc * corr + P.V over the block's keys.
+template <int R, int V, typename KT, typename VT>
+inline void block_values(const float* s, const Block<KT, VT>& b, float* acc, int64_t D, const float* corr,
+                         int64_t d0) {
+  vec a[R][V];
+  for (int i = 0; i < R; ++i) {
+    const vec ci = splat(corr[i]);
+    for (int t = 0; t < V; ++t) a[i][t] = load(acc + i * D + d0 + t * kVL) * ci;
+  }
+  for (int cn = 0; cn < b.n; ++cn) {
+    const Chunk<KT, VT>& c = b.c[cn];
+    for (int64_t j = 0; j < c.nk; ++j) {
+      const VT* v = c.v + j * c.v_stride + d0;
+      vec vv[V];
+      for (int t = 0; t < V; ++t) vv[t] = load(v + t * kVL);
+      for (int i = 0; i < R; ++i) {
+        const vec pj = splat(s[i * kBlockKeys + cn * kLanes + j]);
+        for (int t = 0; t < V; ++t) a[i][t] += pj * vv[t];
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int t = 0; t < V; ++t) store(acc + i * D + d0 + t * kVL, a[i][t]);
+}
+
+template <int R, typename KT, typename VT>
+void rows_values(const float* s, const Block<KT, VT>& b, float* acc, int64_t D, const float* corr) {
+  int64_t d0 = 0;
+  for (; d0 + kValueVecs * kVL <= D; d0 += kValueVecs * kVL) block_values<R, kValueVecs>(s, b, acc, D, corr, d0);
+  for (; d0 + kVL <= D; d0 += kVL) block_values<R, 1>(s, b, acc, D, corr, d0);
+  for (; d0 < D; ++d0)  // a head_dim that is not a multiple of the vector width
+    for (int i = 0; i < R; ++i) {
+      float a = acc[i * D + d0] * corr[i];
+      for (int cn = 0; cn < b.n; ++cn)
+        for (int64_t j = 0; j < b.c[cn].nk; ++j)
+          a += s[i * kBlockKeys + cn * kLanes + j] * widen(b.c[cn].v[j * b.c[cn].v_stride + d0]);
+      acc[i * D + d0] = a;
+    }
+}
+
+// Fold a block of keys into every query row of the item.
 template <int64_t kD, typename KT, typename VT>
-void fold_chunk(const Problem& p, const Item& it, State& st, const Chunk<KT, VT>& c) {
-  const int64_t rows = (it.t1 - it.t0) * p.group;
-  int64_t r0 = 0;
-  for (; r0 + kRowGroup <= rows; r0 += kRowGroup) fold_rows<kD, kRowGroup>(p, it, st, c, r0);
-  switch (rows - r0) {
-    case 3: fold_rows<kD, 3>(p, it, st, c, r0); break;
-    case 2: fold_rows<kD, 2>(p, it, st, c, r0); break;
-    case 1: fold_rows<kD, 1>(p, it, st, c, r0); break;
+void fold_block(const Problem& p, const Item& it, State& st, const Block<KT, VT>& b) {
+  const int64_t D = kD > 0 ? kD : p.head_dim, G = p.group, rows = (it.t1 - it.t0) * G;
+  const int64_t q_first = it.prior + (it.t0 - it.seq_start), q_last = q_first + (it.t1 - it.t0) - 1;
+  const Chunk<KT, VT>& tail = b.c[b.n - 1];
+  const int64_t k_first = b.c[0].kpos0, k_last = tail.kpos0 + tail.nk - 1;
+  if (k_first > q_last || (p.window > 0 && k_last <= q_first - p.window)) return;  // no row sees a key
+  // Every row sees every key: no mask at all (most blocks of a long prompt).
+  bool full = k_last <= q_first && (p.window == 0 || k_first > q_last - p.window);
+  for (int i = 0; i < b.n; ++i) full &= b.c[i].nk == kLanes;
+
+  float* s = st.s.data();
+  block_scores<kD>(st.q.data(), D, b, s, rows);
+
+  ivec lane;
+  for (int j = 0; j < kVL; ++j) lane[j] = j;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* sr = s + r * kBlockKeys;
+    if (p.soft_cap > 0.0f)
+      for (int64_t j = 0; j < b.n * kLanes; ++j) sr[j] = p.soft_cap * std::tanh(sr[j] / p.soft_cap);
+    const int64_t qpos = q_first + r / G;
+    vec mx = splat(-INFINITY);
+    if (full) {
+      for (int64_t j = 0; j < b.n * kLanes; j += kVL) mx = vmax(mx, load(sr + j));
+    } else {
+      // Visible keys: lane < nk, kpos <= qpos and kpos > qpos - window. Masked lanes may hold NaN
+      // (scores of slots past a sequence's end): selects, never arithmetic.
+      for (int ci = 0; ci < b.n; ++ci) {
+        const Chunk<KT, VT>& c = b.c[ci];
+        const int64_t hi = std::min<int64_t>(c.nk, qpos - c.kpos0 + 1);
+        const int64_t lo = p.window > 0 ? std::max<int64_t>(0, qpos - p.window + 1 - c.kpos0) : 0;
+        for (int n = 0; n < kScoreVecs; ++n) {
+          float* x = sr + ci * kLanes + n * kVL;
+          const ivec j = lane + n * kVL;
+          const vec masked = (j >= static_cast<int32_t>(lo) && j < static_cast<int32_t>(std::max<int64_t>(hi, -1)))
+                                 ? load(x)
+                                 : splat(-INFINITY);
+          store(x, masked);
+          mx = vmax(mx, masked);
+        }
+      }
+    }
+    const float block_max = hmax(mx);
+    if (block_max == -INFINITY) {  // this row sees none of the block's keys
+      for (int64_t j = 0; j < b.n * kLanes; j += kVL) store(sr + j, splat(0.0f));
+      st.corr[r] = 1.0f;
+      continue;
+    }
+    const float m_old = st.m[r], m_new = std::max(m_old, block_max);
+    const vec m_vec = splat(m_new);
+    vec sum = splat(0.0f);
+    for (int64_t j = 0; j < b.n * kLanes; j += kVL) {
+      const vec x = load(sr + j);
+      vec e = vexp_nonpositive(x - m_vec);
+      if (!full) e = x == splat(-INFINITY) ? splat(0.0f) : e;
+      store(sr + j, e);
+      sum += e;
+    }
+    const float correction = m_old == -INFINITY ? 0.0f : exp_nonpositive(m_old - m_new);
+    st.l[r] = st.l[r] * correction + hsum(sum);
+    st.m[r] = m_new;
+    st.corr[r] = correction;
+  }
+
+  float* acc = st.acc.data();
+  int64_t r = 0;
+  for (; r + kValueRows <= rows; r += kValueRows)
+    rows_values<kValueRows>(s + r * kBlockKeys, b, acc + r * D, D, st.corr.data() + r);
+  switch (rows - r) {
+    case 3: rows_values<3>(s + r * kBlockKeys, b, acc + r * D, D, st.corr.data() + r); break;
+    case 2: rows_values<2>(s + r * kBlockKeys, b, acc + r * D, D, st.corr.data() + r); break;
+    case 1: rows_values<1>(s + r * kBlockKeys, b, acc + r * D, D, st.corr.data() + r); break;
     default: break;
   }
 }
 
-// Transpose `nk` key rows (`stride` elements apart) into the item's buffer; unused lanes are zero.
+// Copy (and widen) `nk` keys' rows of K as a transposed chunk into `kt` (16 lanes, unused lanes zero).
 template <typename T>
-const float* transpose_keys(State& st, int64_t D, const T* k, int64_t stride, int64_t nk) {
-  float* kt = st.kt.data();
+void transpose_keys(float* kt, int64_t D, const T* k, int64_t stride, int64_t nk) {
   for (int64_t d = 0; d < D; ++d)
     for (int64_t j = 0; j < kLanes; ++j) kt[d * kLanes + j] = j < nk ? widen(k[j * stride + d]) : 0.0f;
-  return kt;
 }
 
 template <int64_t kD, typename CacheT>
-void run_item(const Problem& p, const Item& it, State& st) {
+void run_item(const Problem& p, const Item& it, State& st, const float* kt_new, int64_t kt_new_stride) {
   const int64_t D = kD > 0 ? kD : p.head_dim, G = p.group, H2 = 2 * p.kv_heads, ps = p.page_size;
   const int64_t nt = it.t1 - it.t0, rows = nt * G;
   for (int64_t i = 0; i < nt; ++i)
@@ -223,6 +377,13 @@ void run_item(const Problem& p, const Item& it, State& st) {
   };
   const bool in_place = p.layout == kLayoutHeadMajorKT && ps % kLanes == 0;
   const int64_t pages = (it.prior + ps - 1) / ps;
+  Block<CacheT, CacheT> in_place_block;
+  Block<float, CacheT> copied_block;
+  auto flush = [&] {
+    if (in_place_block.n) fold_block<kD>(p, it, st, in_place_block);
+    if (copied_block.n) fold_block<kD>(p, it, st, copied_block);
+    in_place_block.n = copied_block.n = 0;
+  };
   for (int64_t page_no = start / ps; page_no < pages; ++page_no) {
     const CacheT* base = page_base(page_no);
     const CacheT *k, *v;
@@ -243,37 +404,42 @@ void run_item(const Problem& p, const Item& it, State& st) {
     }
     const int64_t page_keys = std::min<int64_t>(ps, it.prior - page_no * ps);
     for (int64_t j0 = 0; j0 < page_keys; j0 += kLanes) {
-      const int64_t nk = std::min(kLanes, page_keys - j0);
+      const int64_t nk = std::min(kLanes, page_keys - j0), kpos0 = page_no * ps + j0;
       const CacheT* v_rows = v + j0 * v_stride;
       if (in_place) {  // K^T rows are page_size elements apart
-        fold_chunk<kD>(p, it, st, Chunk<CacheT, CacheT>{k + j0, ps, v_rows, v_stride, nk, page_no * ps + j0});
+        in_place_block.c[in_place_block.n++] = {k + j0, ps, v_rows, v_stride, nk, kpos0};
+        if (in_place_block.n == kBlockChunks || nk < kLanes) flush();
         continue;
       }
-      const float* kt;
+      float* kt = st.kt.data() + copied_block.n * D * kLanes;
       if (p.layout == kLayoutHeadMajorKT) {
         // K^T [D, ps] with pages narrower than a chunk: copy (and widen) this chunk's lanes.
-        float* buffer = st.kt.data();
         for (int64_t d = 0; d < D; ++d)
-          for (int64_t j = 0; j < kLanes; ++j) buffer[d * kLanes + j] = j < nk ? widen(k[d * ps + j0 + j]) : 0.0f;
-        kt = buffer;
+          for (int64_t j = 0; j < kLanes; ++j) kt[d * kLanes + j] = j < nk ? widen(k[d * ps + j0 + j]) : 0.0f;
       } else {
-        kt = transpose_keys(st, D, k + j0 * k_stride, k_stride, nk);
+        transpose_keys(kt, D, k + j0 * k_stride, k_stride, nk);
       }
-      fold_chunk<kD>(p, it, st, Chunk<float, CacheT>{kt, kLanes, v_rows, v_stride, nk, page_no * ps + j0});
+      copied_block.c[copied_block.n++] = {kt, kLanes, v_rows, v_stride, nk, kpos0};
+      if (copied_block.n == kBlockChunks || nk < kLanes) flush();
     }
   }
+  flush();
 
-  // 2. The step's own tokens of this sequence, up to the block's last token.
+  // 2. The step's own tokens of this sequence, up to the block's last token: K^T from `kt_new`
+  // (transposed once per call, [kv_heads][D][tokens]), V from `v_new`.
   const int64_t own_end = it.t1 - it.seq_start;  // keys [0, own_end) of this sequence's new tokens
   int64_t own_start = 0;
   if (p.window > 0) own_start = std::max<int64_t>(0, first_pos - p.window + 1 - it.prior);
   const int64_t stride = p.kv_heads * D;
+  Block<float, float> own;
   for (int64_t j0 = own_start; j0 < own_end; j0 += kLanes) {
-    const int64_t nk = std::min(kLanes, own_end - j0);
-    const int64_t row = (it.seq_start + j0) * p.kv_heads + it.head;
-    const Chunk<float, float> c{transpose_keys(st, D, p.k_new + row * D, stride, nk), kLanes, p.v_new + row * D,
-                                stride, nk, it.prior + j0};
-    fold_chunk<kD>(p, it, st, c);
+    const int64_t nk = std::min(kLanes, own_end - j0), t = it.seq_start + j0;
+    own.c[own.n++] = {kt_new + it.head * D * kt_new_stride + t, kt_new_stride, p.v_new + (t * p.kv_heads + it.head) * D,
+                      stride, nk, it.prior + j0};
+    if (own.n == kBlockChunks || j0 + kLanes >= own_end) {
+      fold_block<kD>(p, it, st, own);
+      own.n = 0;
+    }
   }
 
   for (int64_t i = 0; i < nt; ++i)
@@ -343,6 +509,18 @@ ffi::Error PagedAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, 
     work += (t1 - t0) * p.group * p.kv_heads * (prior + (t1 - t0));
   }
 
+  // Largest items first, so the threads finish together.
+  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) {
+    return (a.t1 - a.t0) * (a.prior + a.t1 - a.seq_start) > (b.t1 - b.t0) * (b.prior + b.t1 - b.seq_start);
+  });
+  // The step's own keys, transposed once: [kv_heads][head_dim][tokens + 16], zero past the last token.
+  const int64_t kt_new_stride = p.num_tokens + kLanes;
+  std::vector<float> kt_new(p.kv_heads * p.head_dim * kt_new_stride, 0.0f);
+  for (int64_t t = 0; t < p.num_tokens; ++t)
+    for (int64_t h = 0; h < p.kv_heads; ++h)
+      for (int64_t d = 0; d < p.head_dim; ++d)
+        kt_new[(h * p.head_dim + d) * kt_new_stride + t] = p.k_new[(t * p.kv_heads + h) * p.head_dim + d];
+
   std::atomic<size_t> next{0};
   auto worker = [&] {
     State st(p);
@@ -352,7 +530,7 @@ ffi::Error PagedAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, 
                     : (p.head_dim == 64    ? run_item<64, float>
                        : p.head_dim == 128 ? run_item<128, float>
                                            : run_item<0, float>);
-    for (size_t i = next++; i < items.size(); i = next++) run(p, items[i], st);
+    for (size_t i = next++; i < items.size(); i = next++) run(p, items[i], st, kt_new.data(), kt_new_stride);
   };
   cpu_set_t affinity;
   const int64_t cores = sched_getaffinity(0, sizeof affinity, &affinity) == 0

@@ -10,8 +10,8 @@ long prefill), `prefill` 4 fresh prompts of 128, `decode` 64 sequences of one to
 Each row gives the median ms of one layer's call, the attention GFLOP/s (4 * head_dim flops per visible
 (query head, key) pair) and, with `--reference`, the same for the jnp reference (`reference.attend`, what
 the kernel is tested against) on the same inputs; the two alternate, so a busy machine slows both alike.
-(A second build of the kernel registered under another FFI target in the same process ran the first
-build's code here, so an A/B of two kernel sources needs two processes.)
+(A second build of the kernel, from another source file, registered under another FFI target in the
+same process did not run its own code here, so an A/B of two kernel sources needs two processes.)
 """
 
 from __future__ import annotations

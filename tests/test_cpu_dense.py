@@ -83,7 +83,7 @@ def test_fused_dense_parts_on_the_kernel(rng, dtype):
     for part in parts:
         part.bias[...] = jnp.asarray(rng.standard_normal(part.bias.shape), dtype)
     fused = FusedDense(parts)
-    x = jnp.asarray(rng.standard_normal((5, 48)), dtype)
+    x = jnp.asarray(rng.standard_normal((min(5, tuning.max_rows(dtype)), 48)), dtype)  # rows the kernel takes
     got = jax.jit(partial(in_dense_scope, "cpu", lambda x: fused(x)))(x)
     hlo = jax.jit(partial(in_dense_scope, "cpu", lambda x: fused(x))).lower(x).compile().as_text()
     assert hlo.count(KERNEL_CALL) == 1
@@ -165,12 +165,16 @@ def test_bfloat16_step_against_transformers(tiny_llama_dir, one_torch_thread, rn
     assert ours.dense_backend == "cpu"
     assert {str(leaf.dtype) for leaf in ours._param_leaves} == {"bfloat16"}  # no float32 copy of the weights
     logits, hlo = _last_logits(ours, prompt, lens)
-    assert hlo.count(KERNEL_CALL) == 2 * 4 + 1  # q/k/v, o, gate/up, down per layer, and the tied head
+    if tuning.max_rows(jnp.bfloat16) >= sum(lens):  # the step's 32 tokens
+        assert hlo.count(KERNEL_CALL) == 2 * 4 + 1  # q/k/v, o, gate/up, down per layer, and the tied head
+    else:  # AMX: XLA's bf16 GEMM takes the layers' products, the kernel the tied head (kernels/dense/tuning.py)
+        assert hlo.count(KERNEL_CALL) == 1
     shapes = {tuple(leaf.shape) for leaf in ours._param_leaves if leaf.ndim == 2}
     assert not _weight_converts(hlo, shapes)
-    # What the kernel replaces: XLA's bfloat16 dot widens every weight, every step.
+    # What the kernel replaces where the CPU has no bf16 matrix unit: XLA's dot widens every weight, every step.
     _, xla_hlo = _last_logits(_runner(tiny_llama_dir, "bfloat16", "reference"), prompt, lens)
-    assert len(_weight_converts(xla_hlo, shapes)) >= 2 * 4
+    if not tuning.has_bf16_matrix_unit():
+        assert len(_weight_converts(xla_hlo, shapes)) >= 2 * 4
     ours_f32, _ = _last_logits(_runner(tiny_llama_dir, "float32"), prompt, lens)
 
     def hf_logits(dtype):
@@ -206,3 +210,13 @@ def test_bfloat16_server_generates_greedy_tokens(bf16_server, tiny_llama_dir, on
     hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).eval()
     for ids, result in zip(prompts, out.json(), strict=True):
         assert_greedy(hf, ids, result["output_ids"], 6, tolerance=BF16_GREEDY_TOLERANCE)
+
+
+def test_bf16_threshold_follows_the_cpu(monkeypatch):
+    """With AMX, XLA's bf16 GEMM takes untransposed bf16 products above 4 rows; the tied head and float32
+    stay on the kernel to 64 rows (kernels/dense/tuning.py)."""
+    monkeypatch.setattr(tuning, "has_bf16_matrix_unit", lambda: True)
+    assert tuning.max_rows(jnp.bfloat16) == 4 and tuning.max_rows(jnp.bfloat16, transposed=True) == 64
+    assert tuning.max_rows(jnp.float32) == 64
+    monkeypatch.setattr(tuning, "has_bf16_matrix_unit", lambda: False)
+    assert tuning.max_rows(jnp.bfloat16) == 64

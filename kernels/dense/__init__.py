@@ -12,8 +12,9 @@ Which runs is decided in two steps:
    on one device (a mesh spans several, which only XLA's dot partitions); "auto" falls back to the
    reference with one warning giving the reason, "cpu" refuses to start.
 2. Per product, at trace time, inside `dense_scope(name)` (the runner enters it in each jitted step):
-   the kernel takes float32 / bfloat16 weights and at most `tuning.max_rows(dtype)` rows of `x` (above
-   that XLA's blocked matmul is faster, measured in `tuning.py`); anything else runs the reference.
+   the kernel takes float32 / bfloat16 weights and at most `tuning.max_rows(dtype, transposed)` rows of
+   `x` (above that XLA's blocked matmul is faster, measured in `tuning.py`: for bfloat16 it depends on
+   whether the CPU has AMX); anything else runs the reference.
 
 Every model step the runner compiles (sampling, logprobs, pooling, encoders) is in a scope; outside one
 (tests, tools that call a model directly) the reference runs.
@@ -84,7 +85,7 @@ def dense(x, w, bias=None, *, transposed: bool = False):
     """`x[..., K] @ w[K, N] (+ bias)`, or `x @ w[N, K].T` with `transposed`; `reference.dense`'s contract."""
     if _active.get() != "cpu" or jnp.dtype(w.dtype) not in tuning.WEIGHT_DTYPES:
         return reference.dense(x, w, bias, transposed=transposed)
-    if math.prod(x.shape[:-1]) <= tuning.max_rows(w.dtype):
+    if math.prod(x.shape[:-1]) <= tuning.max_rows(w.dtype, transposed):
         from kernels.dense import cpu
 
         return cpu.dense(x, w, bias, transposed=transposed)

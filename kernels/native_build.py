@@ -1,9 +1,9 @@
 """Building and loading the native CPU kernels (`kernels/*/cpu_*.cc`) as XLA FFI targets, once per process.
 
 Each source is compiled with the system's C++ compiler (`$CXX`, else `c++` / `g++` / `clang++`) against
-the FFI headers jaxlib ships, with `-march=native`, into the user's cache directory
+the FFI headers jaxlib ships and `kernels/*.h`, with `-march=native`, into the user's cache directory
 (`$PALLAS_SERVE_CACHE`, else `$XDG_CACHE_HOME/pallas-serve`, else `~/.cache/pallas-serve`), under a name
-that hashes the source, the flags, jaxlib's version, the compiler and this CPU, so an edit, an upgrade or
+that hashes the source (and those headers), the flags, jaxlib's version, the compiler and this CPU, so an edit, an upgrade or
 another machine sharing the home directory gets its own build. `load` says why a kernel is unavailable
 (no compiler, not x86 / ARM Linux, a build error), or None once its targets are registered; callers fall
 back to their jnp reference on that reason.
@@ -27,6 +27,8 @@ import jaxlib
 
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
          "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC"]
+
+HEADERS_DIR = Path(__file__).resolve().parent  # kernels/: headers the kernels share
 
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -57,7 +59,8 @@ def _compiler() -> str | None:
 
 
 def _build(source_path: Path, compiler: str) -> Path:
-    source = source_path.read_bytes()
+    # The kernel and the shared headers it may include (`native_vectors.h`): an edit to either rebuilds.
+    source = b"\0".join(p.read_bytes() for p in [source_path, *sorted(HEADERS_DIR.glob("*.h"))])
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), jaxlib.__version__.encode(),
                                      compiler.encode(), _cpu_signature().encode()])).hexdigest()[:16]
     library = cache_dir() / "kernels" / f"{source_path.stem}-{key}.so"
@@ -72,7 +75,8 @@ def _build(source_path: Path, compiler: str) -> Path:
         library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
         built = Path(tmp) / library.name
-        command = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), str(source_path), "-o", str(built)]
+        command = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), "-I", str(HEADERS_DIR), str(source_path),
+                   "-o", str(built)]
         _log.info("Building the native CPU kernel %s into %s (once per machine and version)", source_path.name, library)
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:

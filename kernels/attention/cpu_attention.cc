@@ -32,6 +32,7 @@
 #include <thread>
 #include <vector>
 
+#include "native_vectors.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -46,25 +47,6 @@ constexpr int64_t kThreadWork = 1 << 15;  // (query row x key) pairs below which
 constexpr int64_t kLayoutTokenMajor = 0;   // [page_size, 2 * kv_heads, head_dim]
 constexpr int64_t kLayoutHeadMajor = 1;    // [2 * kv_heads, page_size, head_dim]
 constexpr int64_t kLayoutHeadMajorKT = 2;  // [2 * kv_heads, page_size * head_dim], K as [head_dim, page_size]
-
-// exp for x <= 0 (softmax arguments), vectorizable: 2^n * p(r) with a degree-6 polynomial on
-// |r| <= ln(2)/2, relative error below 2e-7.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::floor(x * 1.4426950408889634f + 0.5f);
-  const float r = x - n * 0.693145751953125f - n * 1.4286068203094172e-06f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
 
 struct Problem {
   const float* q;        // [T, Hq, D]
@@ -86,37 +68,20 @@ struct Item {
   int64_t seq_start, prior;   // the sequence's first new token, its cached context length
 };
 
-// Native vectors through GCC / Clang vector extensions: one zmm with AVX-512, else 8 floats (two ymm
-// halves of a chunk's 16 lanes with AVX2, two q registers on ARM).
-#if defined(__AVX512F__)
-constexpr int kVL = 16;
-#else
-constexpr int kVL = 8;
-#endif
-typedef float vec __attribute__((vector_size(kVL * 4)));
-typedef int32_t ivec __attribute__((vector_size(kVL * 4)));
-typedef uint32_t uvec __attribute__((vector_size(kVL * 4)));
-typedef uint16_t hvec __attribute__((vector_size(kVL * 2)));
+// Native vectors (kernels/native_vectors.h): one zmm with AVX-512, else 8 floats (two ymm halves of a
+// chunk's 16 lanes with AVX2, two q registers on ARM).
+using native::ivec;
+using native::load;
+using native::splat;
+using native::store;
+using native::vec;
+using native::widen;
+constexpr int kVL = native::kVectorLanes;
 constexpr int kScoreVecs = kLanes / kVL;  // vectors per row of a chunk's scores
 constexpr int kScoreRows = kVL == 16 ? 8 : 4;  // query rows per pass of Q.K^T: 8 accumulators
 constexpr int kValueRows = 4;                  // query rows per pass of P.V
 constexpr int kValueVecs = kVL == 16 ? 4 : 2;  // output vectors per row per pass of P.V
 
-inline vec splat(float x) { return vec{} + x; }
-inline vec load(const float* p) {
-  vec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline vec load(const uint16_t* p) {  // bfloat16 bits, widened
-  hvec h;
-  std::memcpy(&h, p, sizeof h);
-  const uvec u = __builtin_convertvector(h, uvec) << 16;
-  vec v;
-  std::memcpy(&v, &u, sizeof v);
-  return v;
-}
-inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
 inline float hmax(vec v) {
   float m = v[0];
   for (int i = 1; i < kVL; ++i) m = std::max(m, v[i]);
@@ -129,8 +94,9 @@ inline float hsum(vec v) {
 }
 inline vec vmax(vec a, vec b) { return a > b ? a : b; }
 
-// exp_nonpositive on a vector. n = round(x / ln 2) by truncating 0.5 - x / ln 2 >= 0 (float-to-int
-// conversion truncates; the 1.5 * 2^23 trick is folded away under -fassociative-math).
+// exp for x <= 0 (softmax arguments), on a vector: 2^n * p(r) with a degree-6 polynomial on
+// |r| <= ln(2)/2, relative error below 2e-7. n = round(x / ln 2) by truncating 0.5 - x / ln 2 >= 0
+// (float-to-int conversion truncates; the 1.5 * 2^23 trick is folded away under -fassociative-math).
 inline vec vexp_nonpositive(vec x) {
   x = vmax(x, splat(-87.0f));
   const ivec neg_n = __builtin_convertvector(0.5f - x * 1.4426950408889634f, ivec);
@@ -178,15 +144,6 @@ struct State {
         corr(kQueryBlock * p.group), acc(kQueryBlock * p.group * p.head_dim), s(kQueryBlock * p.group * kBlockKeys),
         kt(kBlockChunks * p.head_dim * kLanes) {}
 };
-
-// Cache elements: float32, or bfloat16 stored as its 16 high bits.
-inline float widen(float x) { return x; }
-inline float widen(uint16_t x) {
-  const uint32_t bits = uint32_t{x} << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
 
 // Scores of `R` query rows (`q`, D apart) against one chunk, into `s` (rows `W` apart).
 template <int64_t kD, int R, typename KT>
@@ -326,7 +283,7 @@ void fold_block(const Problem& p, const Item& it, State& st, const Block<KT, VT>
       store(sr + j, e);
       sum += e;
     }
-    const float correction = m_old == -INFINITY ? 0.0f : exp_nonpositive(m_old - m_new);
+    const float correction = m_old == -INFINITY ? 0.0f : vexp_nonpositive(splat(m_old - m_new))[0];
     st.l[r] = st.l[r] * correction + hsum(sum);
     st.m[r] = m_new;
     st.corr[r] = correction;

@@ -32,21 +32,21 @@
 #include <thread>
 #include <vector>
 
+#include "native_vectors.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-constexpr int kTileRows = 4;    // rows of x per tile
-constexpr int kTileVecs = 4;    // vectors of columns per tile
-#else
-constexpr int kLanes = 8;
-constexpr int kTileRows = 4;
-constexpr int kTileVecs = 2;
-#endif
+using native::load;
+using native::store;
+using native::widen;
+using vf = native::vec;
+using vu = native::uvec;
+constexpr int kLanes = native::kVectorLanes;
+constexpr int kTileRows = 4;                  // rows of x per tile
+constexpr int kTileVecs = kLanes == 16 ? 4 : 2;  // vectors of columns per tile
 constexpr int kTileWRows = 4;   // rows of a transposed W per tile
 constexpr int64_t kPrefetchRows = 8;       // weight rows ahead of the one being read
 constexpr int64_t kThreadWork = 1 << 16;   // multiply-adds below which one thread is enough
@@ -54,32 +54,7 @@ constexpr int kSpin = 1 << 12;             // pause loops before the caller yiel
 constexpr int64_t kMaxThreads = 2;         // measured on 2-core machines only; more needs measuring
 constexpr int64_t kChunksPerThread = 4;    // chunks per thread, so a preempted helper delays little
 
-typedef float vf __attribute__((vector_size(kLanes * 4)));
-typedef uint16_t vh __attribute__((vector_size(kLanes * 2)));
-typedef uint32_t vu __attribute__((vector_size(kLanes * 4)));
 
-inline vf load(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-// bfloat16 -> float32 is a 16-bit shift of the bits.
-inline vf load(const uint16_t* p) {
-  vh h;
-  std::memcpy(&h, p, sizeof h);
-  const vu u = __builtin_convertvector(h, vu) << 16;
-  vf v;
-  std::memcpy(&v, &u, sizeof v);
-  return v;
-}
-inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline float widen(float x) { return x; }
-inline float widen(uint16_t x) {
-  const uint32_t bits = uint32_t{x} << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
 inline float hsum(vf v) {
   float s = 0.0f;
   for (int i = 0; i < kLanes; ++i) s += v[i];

@@ -105,25 +105,25 @@ class ExecutableCache:
         """`jitted`'s executable for `args` (arrays or `jax.ShapeDtypeStruct`s), from disk when cached.
         Thread-safe: loads run side by side (XLA deserializes without the GIL), compiles one at a time."""
         path = self.path_for(name, args)
-        if path is not None and path.exists():
-            try:
-                compiled = _deserialize(path.read_bytes(), self.device)
-                with self._lock:
-                    self.hits += 1
-                return compiled
-            except Exception as exc:  # any unreadable entry is recompiled and replaced below
-                logger.warning("recompiling %s: its cached executable %s did not load (%s)", name, path.name, exc)
+        found = path is not None and path.exists()
+        compiled = self._load(name, path) if found else None
         with self._lock:
-            if path is not None and path.exists():  # another thread compiled it while this one waited
-                try:
-                    compiled = _deserialize(path.read_bytes(), self.device)
-                    self.hits += 1
-                    return compiled
-                except Exception:  # noqa: BLE001 (unreadable: compiled again below)
-                    pass
+            if not found and path is not None and path.exists():
+                compiled = self._load(name, path)  # another thread compiled it while this one looked
+            if compiled is not None:
+                self.hits += 1
+                return compiled
             self.misses += 1
             self._here.misses = self.misses_here() + 1
             return self._compile(name, jitted, args, path)
+
+    def _load(self, name: str, path: Path) -> jax.stages.Compiled | None:
+        """The executable in `path`, or None (with a warning) when it does not load: then it is recompiled."""
+        try:
+            return _deserialize(path.read_bytes(), self.device)
+        except Exception as exc:  # any unreadable entry is recompiled and replaced
+            logger.warning("recompiling %s: its cached executable %s did not load (%s)", name, path.name, exc)
+            return None
 
     def _compile(self, name: str, jitted: Any, args: tuple, path: Path | None) -> jax.stages.Compiled:
         if path is None:

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
 
@@ -22,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
 from checkpoints.load import load_checkpoint
 from checkpoints.name_maps import weight_name_map_for
@@ -42,6 +39,7 @@ from serving.logprobs import LogprobBatch
 from serving.mesh import device_memory, plan_placement
 from serving.params_cache import ParamsCache
 from serving.penalties import PenaltyBatch, apply_penalties
+from serving.precompile import precompile_buckets
 from serving.sampler import SamplingBatch, sample
 from serving.steps import (
     HostBatch,
@@ -371,59 +369,8 @@ class ModelRunner:
         return result
 
     def precompile(self, progress: bool = True, token_bitmask_width: int | None = None) -> float:
-        """Prepare every bucket of the model's step: the sampling step, its KV write (CPU path) and the
-        resampler a penalised or constrained step runs after it (with `token_bitmask_width`, a grammar
-        backend is on, also its masked variant), or for a pooled model the pooling step with its own
-        method. Executables a previous start saved are loaded (serving/executable_cache.py); a bucket that
-        had to be compiled is also run once, on an all-padding batch that writes nothing."""
-        start = time.perf_counter()
-        empty = HostBatch(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32), [],
-                          np.zeros(0, np.int32), {})
-        batches = [self._pad(empty, tokens, seqs) for tokens, seqs in self.buckets()]
-        bar = tqdm(total=len(batches), desc="Compiling step buckets", disable=not progress)
-        if self.pooling is not None or self._executables.directory is None:
-            for batch in batches:
-                if self.pooling is not None:
-                    jax.block_until_ready(self._run_pooled(batch, 0, empty.q_lens, *self.pooling))
-                else:
-                    self._warm_jits(batch, token_bitmask_width)
-                bar.update()
-            bar.close()
-            return time.perf_counter() - start
-
-        def prepare(batch: StepBatch) -> bool:
-            """Load (or compile) one bucket's executables; whether any had to be compiled."""
-            misses = self._executables.misses_here()
-            # The cache by its shape: its zeros may still be being written (`__init__`).
-            cache = jax.ShapeDtypeStruct(self.kv_spec.shape, self.kv_spec.dtype, sharding=self._kv_sharding)
-            (_, raw_logits, _), kv, _ = self._step.prepare(self._param_leaves, cache, batch).out_info
-            if self.attention.head_major:
-                self._write_kv.prepare(cache, kv)
-            variants = [None] if token_bitmask_width is None else [None, jax.ShapeDtypeStruct(
-                (raw_logits.shape[0], token_bitmask_width), jnp.int32)]
-            for bitmask in variants:
-                self._resample.prepare(raw_logits, batch.sampling, bitmask)
-            bar.update()
-            return self._executables.misses_here() > misses
-
-        # Cached executables load on several threads (a warm restart's largest part, serving/executable_cache.py).
-        with ThreadPoolExecutor(min(4, os.cpu_count() or 1, len(batches)), thread_name_prefix="precompile") as pool:
-            compiled = list(pool.map(prepare, batches))
-        bar.close()
-        for batch, was_compiled in zip(batches, compiled, strict=True):
-            if was_compiled:  # a fresh compile runs once on an all-padding batch that writes nothing
-                _, raw_logits, _ = jax.block_until_ready(self._run(self._step, batch, 0))
-                jax.block_until_ready(self._resample(raw_logits, batch.sampling, None))
-        logger.info("Step executables: %d loaded from the cache, %d compiled", self._executables.hits,
-                    self._executables.misses)
-        return time.perf_counter() - start
-
-    def _warm_jits(self, batch: StepBatch, token_bitmask_width: int | None) -> None:
-        """Without the executable cache: run the step's jits once on `batch` (all padding) to compile them."""
-        _, raw_logits, _ = jax.block_until_ready(self._run(self._step, batch, 0))
-        for bitmask in (None,) if token_bitmask_width is None else (None, token_bitmask_width):
-            allow_all = None if bitmask is None else np.full((len(raw_logits), bitmask), -1, np.int32)
-            jax.block_until_ready(self._resample(raw_logits, batch.sampling, allow_all))
+        """Prepare every bucket of the model's step at start-up (serving/precompile.py); the seconds it took."""
+        return precompile_buckets(self, progress=progress, token_bitmask_width=token_bitmask_width)
 
     def reset_kv_cache(self) -> None:
         self.kv_pages = allocate_kv_pages(self.kv_spec, self._kv_sharding)

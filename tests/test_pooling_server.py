@@ -135,7 +135,10 @@ def test_reward_model_scores_like_transformers(tmp_path_factory, one_torch_threa
             with torch.no_grad():
                 want = hf(torch.tensor([tok.encode(prompt)])).logits[0].tolist()
             assert len(response["embedding"]) == 1 and abs(response["embedding"][0] - want[0]) < 1e-4
-        assert abs(single["embedding"][0] - responses[1]["embedding"][0]) < 1e-5
+        # The same prompt alone: its rows may take another product path than in the batch (XLA's dot above
+        # 64 rows, the native kernel below; the radix cache may hold its prefix, leaving one row), so the
+        # two agree to float32 rounding (seen up to 1.05e-5 on a reward of 1.65), not bit for bit.
+        assert single["embedding"][0] == pytest.approx(responses[1]["embedding"][0], rel=2e-5, abs=1e-5)
     finally:
         assert proc.stop() == 0
 

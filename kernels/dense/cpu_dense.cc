@@ -15,9 +15,10 @@
 // every weight row. Tiles are a few rows of x by a few vectors of columns, held in registers; the vector
 // type is the widest the build target has (GCC vector extensions: the same code compiles for AVX-512,
 // AVX2 and NEON). With one row of x (a single decode stream, bound by reading W once) the chunks are
-// blocks of whole weight rows instead, so each is one sequential read (`compute_row_kn` summing per-thread
-// partial outputs, `compute_row_nk` one dot product per row), small enough that the two threads finish
-// together, and bfloat16 is widened as even and odd lanes (`load_group`).
+// blocks of whole weight rows instead, so each is one sequential read (`compute_row_kn` summing a partial
+// output per block, added in block order so the bits do not depend on the threads' timing; `compute_row_nk`
+// one dot product per row), small enough that the two threads finish together, and bfloat16 is widened as
+// even and odd lanes (`load_group`).
 
 #include <algorithm>
 #include <atomic>
@@ -390,8 +391,8 @@ inline std::pair<int64_t, int64_t> chunk_range(int64_t i, int64_t chunks, int64_
   return {units * i / chunks * unit, i + 1 == chunks ? total : units * (i + 1) / chunks * unit};
 }
 
-// How many chunks a one-row product of `bytes` of weights is cut into: small ones (kStreamChunk bytes,
-// a few microseconds each), so the thread that finishes first waits little for the other, and a helper
+// How many chunks a one-row product of W [N, K] (`bytes` of weights) is cut into: small ones (kStreamChunk
+// bytes, a few microseconds each), so the thread that finishes first waits little for the other, and a helper
 // that starts late still takes its share; at most kMaxStreamChunks per call.
 constexpr int64_t kStreamChunk = 64 << 10;
 constexpr int64_t kMaxStreamChunks = 64;
@@ -400,28 +401,43 @@ int64_t stream_chunks(int64_t bytes, int64_t units, int64_t parallel) {
   return std::max<int64_t>(1, std::min({units, kMaxStreamChunks, bytes / kStreamChunk}));
 }
 
-// One row of x against W [K, N]: chunks are blocks of W's rows (`row_block_kn`), each worker summing into
-// its own float32 partial output; the caller adds them (workers x N floats, small next to W).
+// One row of x against W [K, N]: chunks are blocks of W's rows (`row_block_kn`), each summing into its own
+// float32 partial output, which the caller adds in chunk order: the result does not depend on which thread
+// ran which chunk (a partial per thread would sum its chunks in whatever order the threads claimed them,
+// and the last bits of a product would change from run to run). The partials (chunks x N floats) are
+// kept small by guided chunk sizes, fixed before the threads start: each chunk takes 1 / (2 x threads)
+// of the rows left, down to kStreamChunk bytes, so the first chunks are long and the last ones short.
+constexpr int64_t kMaxRowChunks = 32;
 template <typename T>
 void compute_row_kn(const Problem& p, ffi::ThreadPool& threads) {
-  const int64_t parallel = parallelism(p, threads), units = std::max<int64_t>(1, p.k / 4);
-  const int64_t chunks = stream_chunks(p.k * p.n * int64_t(sizeof(T)), units, parallel);
+  const int64_t parallel = parallelism(p, threads), row_bytes = p.n * int64_t(sizeof(T));
+  const int64_t min_rows = std::max<int64_t>(4, (kStreamChunk / row_bytes + 3) / 4 * 4);
+  thread_local std::vector<int64_t> starts;  // chunk i is rows [starts[i], starts[i + 1])
+  starts.assign(1, 0);
+  for (int64_t k = 0; k < p.k;) {
+    int64_t rows = parallel == 1 ? p.k : std::max(min_rows, (p.k - k) / (2 * parallel) / 4 * 4);
+    if (int64_t(starts.size()) == kMaxRowChunks || p.k - k - rows < min_rows / 2) rows = p.k - k;
+    starts.push_back(k += rows);
+  }
+  const int64_t chunks = int64_t(starts.size()) - 1;
   thread_local std::vector<float> partials;  // helpers only touch it while the caller waits for them
-  partials.assign(parallel * p.n, 0.0f);
+  partials.resize(chunks * p.n);
   float* out = partials.data();
-  run_chunks(chunks, parallel, threads, [p, out, chunks, units](int64_t i, int64_t worker) {
-    const auto [k0, k1] = chunk_range(i, chunks, units, 4, p.k);
-    row_block_kn<T>(p, k0, k1, out + worker * p.n);
+  const int64_t* bounds = starts.data();
+  run_chunks(chunks, parallel, threads, [p, out, bounds](int64_t i, int64_t) {
+    float* part = out + i * p.n;
+    std::fill(part, part + p.n, 0.0f);
+    row_block_kn<T>(p, bounds[i], bounds[i + 1], part);
   });
-  // The partials summed into the first (vectors, in slot order), then put in column order with the bias.
+  // The partials summed into the first (vectors, in chunk order), then put in column order with the bias.
   const int64_t full = p.n / kGroup * kGroup;
   for (int64_t c = 0; c + kLanes <= full; c += kLanes) {
     vf s = load(out + c);
-    for (int64_t i = 1; i < parallel; ++i) s += load(out + i * p.n + c);
+    for (int64_t i = 1; i < chunks; ++i) s += load(out + i * p.n + c);
     store(out + c, s);
   }
   for (int64_t c = full; c < p.n; ++c)
-    for (int64_t i = 1; i < parallel; ++i) out[c] += out[i * p.n + c];
+    for (int64_t i = 1; i < chunks; ++i) out[c] += out[i * p.n + c];
   for (int64_t c = 0; c < p.n; ++c) {
     const int64_t slot = c < full ? c / kGroup * kGroup + pair_slot<T>(c % kGroup) : c;
     p.y[c] = out[slot] + (p.bias ? p.bias[c] : 0.0f);

@@ -13,7 +13,7 @@ slows all of them alike. `kernels/dense/tuning.py` takes its row thresholds from
 
 `--chain` times what a single-stream decode step streams: the products of 30 layers and the LM head,
 each on its own weights (538 MB in float32, more than the caches hold, where the table above re-reads one
-weight), chained as the model chains them, and prints the weight read rate beside the copy bandwidth
+weight; placed as the server places them, in one huge-page arena: serving/host_arena.py), chained as the model chains them, and prints the weight read rate beside the copy bandwidth
 (benchmarks/copy_bandwidth.py) measured in the same run, before and after. Rounds in which other
 processes used the CPU (from /proc/stat) are dropped and counted: on a shared machine they only add noise.
 """
@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.copy_bandwidth import copy_bandwidth  # noqa: E402
 from benchmarks.gpu_check import median_seconds  # noqa: E402
 from kernels.dense import cpu, reference  # noqa: E402
+from serving import host_arena  # noqa: E402
 
 SHAPES = {"qkv": (576, 960, False), "gate_up": (576, 3072, False), "down": (1536, 576, False),
           "lm_head": (576, 49152, True)}
@@ -57,6 +58,7 @@ def chain(dtype, rounds: int) -> None:
     shapes = [(k, n, False) for _ in range(LAYERS) for k, n in LAYER] + [(576, 49152, True)]
     weights = [jnp.asarray(rng.standard_normal((n, k) if t else (k, n), np.float32) / np.sqrt(k), dtype)
                for k, n, t in shapes]
+    weights = host_arena.gather(weights, jax.devices("cpu")[0])  # where the server keeps them (huge pages)
     nbytes = sum(w.nbytes for w in weights)
 
     def step(product):

@@ -6,7 +6,8 @@
 Shapes are the default model's attention (9 query heads, 3 KV heads, head_dim 64, pages of 16, the
 serving layout with K^T pages): `chunk` is one prompt's 512 new tokens on `--prior` cached ones (the
 last chunk of a 4,096-token prompt under the CPU's 512-token chunked prefill: the quadratic part of a
-long prefill), `prefill` 4 fresh prompts of 128, `decode` 64 sequences of one token on 200 cached.
+long prefill), `prefill` 4 fresh prompts of 128, `decode` 64 sequences of one token on 200 cached, `single`
+one sequence's token on 250 (a single stream's decode step; not run unless asked).
 Each row gives the median ms of one layer's call, the attention GFLOP/s (4 * head_dim flops per visible
 (query head, key) pair) and, with `--reference`, the same for the jnp reference (`reference.attend`, what
 the kernel is tested against) on the same inputs; the two alternate, so a busy machine slows both alike.
@@ -42,6 +43,8 @@ def shape(name: str, prior: int) -> tuple[list[int], list[int]]:
         return [512], [prior]
     if name == "prefill":
         return [128] * 4, [0] * 4
+    if name == "single":
+        return [1], [250]
     return [1] * 64, [200] * 64
 
 
@@ -71,7 +74,7 @@ def case(name: str, prior: int, dtype, rng):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["chunk", "prefill", "decode"],
-                        choices=["chunk", "prefill", "decode"])
+                        choices=["chunk", "prefill", "decode", "single"])
     parser.add_argument("--prior", type=int, default=3584)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=20)

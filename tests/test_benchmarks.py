@@ -89,3 +89,13 @@ def test_cpu_attention_table(capsys):
     table = capsys.readouterr().out.splitlines()
     assert table[0].startswith("| shape | cache dtype | kernel ms")
     assert table[2].startswith("| prefill 128 on 0 x 4 | float32 |")
+
+
+def test_read_chain_builds_and_reads():
+    """read_bandwidth.py's reader (a C++ file built on first use) reads a small chain; the default model's
+    decode chain is its 121 weights: 538 MB in float32."""
+    import read_bandwidth
+    sizes = read_bandwidth.decode_chain_bytes(4)
+    assert len(sizes) == 121 and round(sum(sizes) / 1e6) == 538
+    seconds = read_bandwidth.read_chain_seconds([1 << 16, 3 << 12, 4099], rounds=2)
+    assert len(seconds) == 2 and all(s > 0 for s in seconds)

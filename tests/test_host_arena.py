@@ -49,3 +49,17 @@ def test_runner_params_on_the_cpu_live_in_one_arena(tiny_llama_dir):
     assert new_spans[0][0] % host_arena.HUGE_PAGE == 0 and new_spans[0][0] != spans[0][0]
     for old, new in zip(leaves, swapped, strict=True):
         np.testing.assert_array_equal(np.asarray(old), np.asarray(new))
+
+
+def test_the_arena_needs_huge_pages_offered(tmp_path, monkeypatch):
+    setting = tmp_path / "enabled"
+    monkeypatch.setattr(host_arena, "THP_SETTING", setting)
+    cpu = jax.devices("cpu")
+    for text, offered in (("always [madvise] never\n", True), ("[always] madvise never\n", True),
+                          ("always madvise [never]\n", False)):
+        setting.write_text(text)
+        assert host_arena.huge_pages_offered() is offered and host_arena.applies(cpu, None) is offered
+    setting.unlink()  # no such setting (another kernel or OS)
+    assert not host_arena.huge_pages_offered() and not host_arena.applies(cpu, None)
+    setting.write_text("always [madvise] never\n")
+    assert not host_arena.applies(cpu, mesh=object())

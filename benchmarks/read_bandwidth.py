@@ -7,16 +7,14 @@ bandwidth measured in the same run (not a test).
 A single stream's step reads every weight once, product after product; this is what that pattern
 reaches with nothing but the reads, so the kernel's rate (`dense_rows.py --chain`) and the whole step's
 (`serving.py`) can be put against it as well as against the copy rate. Built with the system C++
-compiler into the kernels' cache directory on first use.
+compiler on first use, cached as the kernels are (kernels/native_build.py).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,23 +23,19 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.copy_bandwidth import copy_bandwidth  # noqa: E402
+from benchmarks.dense_rows import LAYER, LAYERS, SHAPES  # noqa: E402
 from kernels import native_build  # noqa: E402
 
 _SOURCE = Path(__file__).with_name("read_chain.cc")
-LAYER = [(576, 960), (576, 576), (576, 3072), (1536, 576)]  # the default model's per-layer [K, N]
-LAYERS = 30
-HEAD = (49152, 576)
 
 
 @functools.cache
 def _library() -> ctypes.CDLL:
-    source = _SOURCE.read_bytes()
-    out = native_build.cache_dir() / "benchmarks" / f"read_chain-{hashlib.sha256(source).hexdigest()[:16]}.so"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["c++", "-O2", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", str(_SOURCE),
-                        "-o", str(out)], check=True)
-    lib = ctypes.CDLL(str(out))
+    """read_chain.cc built (and cached) the way the kernels are (kernels/native_build.py)."""
+    compiler = native_build._compiler()
+    if compiler is None:
+        sys.exit("no C++ compiler was found (set CXX, or install g++)")
+    lib = ctypes.CDLL(str(native_build._build(_SOURCE, compiler)))
     lib.read_chain.restype = ctypes.c_double
     lib.read_chain.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64), ctypes.c_int64]
     return lib
@@ -49,7 +43,8 @@ def _library() -> ctypes.CDLL:
 
 def decode_chain_bytes(itemsize: int) -> list[int]:
     """The weight bytes of one decode step's products on the default model, in order."""
-    return [k * n * itemsize for _ in range(LAYERS) for k, n in LAYER] + [HEAD[0] * HEAD[1] * itemsize]
+    head_k, head_n, _ = SHAPES["lm_head"]
+    return [k * n * itemsize for _ in range(LAYERS) for k, n in LAYER] + [head_k * head_n * itemsize]
 
 
 def read_chain_seconds(sizes: list[int], rounds: int = 9) -> list[float]:

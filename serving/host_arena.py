@@ -34,31 +34,23 @@ def gather(params: Any, device: Any) -> Any:
     """`params` (a pytree of arrays on the CPU `device`) copied into one huge-page host arena; the same
     pytree of arrays over it. A leaf that appears twice (a tied weight) is copied once."""
     leaves, treedef = jax.tree.flatten(params)
-    offsets: dict[int, int] = {}
-    total = 0
-    for leaf in leaves:
-        if id(leaf) not in offsets:
-            offsets[id(leaf)] = total
-            total += -(-leaf.nbytes // _ALIGN) * _ALIGN
-    if total == 0:
+    unique = {id(leaf): leaf for leaf in leaves}
+    slots = [-(-leaf.nbytes // _ALIGN) * _ALIGN for leaf in unique.values()]
+    if sum(slots) == 0:
         return params
-    arena = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    arena = mmap.mmap(-1, sum(slots) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         arena.madvise(mmap.MADV_HUGEPAGE)
-    start = -np.frombuffer(arena, np.uint8).ctypes.data % HUGE_PAGE
-    views = {}
-    for leaf in leaves:
-        if id(leaf) not in views:
-            views[id(leaf)] = (np.frombuffer(arena, np.dtype(leaf.dtype), count=leaf.size,
-                                             offset=start + offsets[id(leaf)]).reshape(leaf.shape), leaf)
+    offsets = np.cumsum([-np.frombuffer(arena, np.uint8).ctypes.data % HUGE_PAGE, *slots[:-1]])
+    views = {key: np.frombuffer(arena, np.dtype(leaf.dtype), count=leaf.size, offset=int(offset)).reshape(leaf.shape)
+             for (key, leaf), offset in zip(unique.items(), offsets, strict=True)}
 
-    def copy(item):
-        view, leaf = item
-        view[...] = np.asarray(leaf)  # numpy copies without the GIL: the page faults and copies overlap
+    def copy(key):
+        views[key][...] = np.asarray(unique[key])  # numpy copies without the GIL: page faults and copies overlap
 
     with ThreadPoolExecutor(_COPY_THREADS) as pool:
-        list(pool.map(copy, views.values()))
-    placed = {key: jax.device_put(view, device) for key, (view, _) in views.items()}
+        list(pool.map(copy, views))
+    placed = {key: jax.device_put(view, device) for key, view in views.items()}
     return jax.tree.unflatten(treedef, [placed[id(leaf)] for leaf in leaves])
 
 

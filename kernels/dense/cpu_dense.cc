@@ -55,7 +55,6 @@ constexpr int kSpin = 1 << 12;             // pause loops before the caller yiel
 constexpr int64_t kMaxThreads = 2;         // measured on 2-core machines only; more needs measuring
 constexpr int64_t kChunksPerThread = 4;    // chunks per thread, so a preempted helper delays little
 
-
 inline float hsum(vf v) {
   float s = 0.0f;
   for (int i = 0; i < kLanes; ++i) s += v[i];
